@@ -1,0 +1,420 @@
+"""Attribution graphs of the local replacement model (DESIGN.md section 2).
+
+Phases, each a function below:
+1. `ReplacementModel.run_prompt`: one clean forward; feature activations, errors, token vectors.
+2. `select_logit_targets`: the logits to explain (top tokens by probability, or custom targets).
+3. `collect_sources`: active features in (layer, pos, feature) order and their write vectors.
+4. `ReplacementModel.linear_forward`: the prompt repeated `batch_size` times, linear in the sources,
+   kept once and back-propagated many times.
+5. `RowComputer.rows`: inject each target's read vector as the gradient at its read point, one
+   backward per batch of targets; contract gradients with every source's write vector.
+6. `explore_features`: rows for the logits, then for features in order of their current estimated
+   influence on the logits, until `max_feature_nodes`.
+7. `assemble_graph`: the adjacency in node order
+   `[selected features | errors (layer-major) | tokens | logits]`, rows targets, columns sources.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from tracer.graph import Graph, LogitTarget
+from tracer.replacement import LinearPass, PromptState, ReplacementModel
+
+ELEMENT_BUDGET = 1 << 22  # elements per temporary (batch, chunk, d_model) gather in contractions
+
+
+@dataclass
+class Sources:
+    """Every source of the full (unpruned) graph; feature order is (layer, pos, feature)."""
+
+    features: torch.Tensor  # (n_active, 3) long: layer, pos, feature
+    activations: torch.Tensor  # (n_active,)
+    errors: torch.Tensor  # (n_layers, n_pos, d_model)
+    tokens: torch.Tensor  # (n_pos, d_model)
+    # per write layer: (indices into features, positions, activation-scaled decoder rows (n, d_model))
+    writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    @property
+    def n_active(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def n_columns(self) -> int:
+        return self.n_active + self.errors.shape[0] * self.errors.shape[1] + self.tokens.shape[0]
+
+
+def select_logit_targets(
+    model: ReplacementModel,
+    state: PromptState,
+    *,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    targets: Sequence[int | str | LogitTarget] | None = None,
+) -> list[LogitTarget]:
+    """Top tokens until their cumulative probability reaches `desired_logit_prob`, or custom ones.
+
+    Custom targets: token ids, token strings, or `LogitTarget`s whose direction is any weighted
+    sum of token logits (e.g. logit(A) - logit(B)).
+    """
+    if max_n_logits < 1:
+        raise ValueError(f"max_n_logits must be >= 1, got {max_n_logits}")
+    if not 0 < desired_logit_prob <= 1:
+        raise ValueError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
+    probs = torch.softmax(state.logits[-1].float(), dim=-1)
+    if targets is None:
+        top = probs.topk(min(max_n_logits, probs.shape[0]))
+        cumulative = top.values.cumsum(0)
+        n = int((cumulative < desired_logit_prob).sum().item()) + 1
+        n = min(n, top.values.shape[0])
+        return [
+            LogitTarget.token(int(t), float(p), _token_label(model, int(t)))
+            for t, p in zip(top.indices[:n], top.values[:n], strict=True)
+        ]
+    if not targets:
+        raise ValueError("targets is empty; give token ids, token strings or LogitTargets")
+    resolved = []
+    for target in targets:
+        if isinstance(target, LogitTarget):
+            resolved.append(target)
+            continue
+        token = _token_id(model, target)
+        resolved.append(LogitTarget.token(token, float(probs[token]), _token_label(model, token)))
+    for target in resolved:
+        for token in target.token_ids:
+            if not 0 <= token < model.vocab_size:
+                raise ValueError(f"target token {token} is outside [0, {model.vocab_size})")
+    return resolved
+
+
+def _token_id(model: ReplacementModel, target: int | str) -> int:
+    if isinstance(target, int):
+        return target
+    if model.tokenizer is None:
+        raise ValueError(f"target {target!r} is a string but the model has no tokenizer")
+    ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"target {target!r} is {len(ids)} tokens; a logit target must be one")
+    return ids[0]
+
+
+def _token_label(model: ReplacementModel, token: int) -> str:
+    return model.tokenizer.decode([token]) if model.tokenizer is not None else str(token)
+
+
+def accumulation_dtype(model: ReplacementModel) -> torch.dtype:
+    """Adjacency dtype: float32, or float64 for a float64 model (exactness checks)."""
+    return torch.float64 if model.dtype == torch.float64 else torch.float32
+
+
+def collect_sources(model: ReplacementModel, state: PromptState) -> Sources:
+    """Active features (nonzero activations) and the vectors every source writes."""
+    ts = model.transcoders
+    features, values = [], []
+    for layer, acts in enumerate(state.activations):
+        pos, feat = acts.nonzero(as_tuple=True)  # row-major: sorted by (pos, feature)
+        features.append(torch.stack([torch.full_like(pos, layer), pos, feat], dim=1))
+        values.append(acts[pos, feat])
+    features = torch.cat(features)
+    dtype = accumulation_dtype(model)
+    activations = torch.cat(values).to(dtype)
+    writes = []
+    for target in range(model.n_layers):
+        index, pos, vectors = [], [], []
+        for source in ts.source_layers(target):
+            in_layer = (features[:, 0] == source).nonzero(as_tuple=True)[0]
+            decoder = ts.decoder(source, target)[features[in_layer, 2]]
+            index.append(in_layer)
+            pos.append(features[in_layer, 1])
+            vectors.append(decoder.to(dtype) * activations[in_layer, None])
+        writes.append((torch.cat(index), torch.cat(pos), torch.cat(vectors)))
+    return Sources(
+        features=features,
+        activations=activations,
+        errors=torch.stack(state.errors).to(dtype),
+        tokens=state.embeddings.to(dtype),
+        writes=writes,
+    )
+
+
+@dataclass
+class Target:
+    """Where a row's gradient is injected: `layer` None means the final hidden state (a logit)."""
+
+    layer: int | None
+    pos: int
+    vector: torch.Tensor  # (d_model,)
+
+
+class RowComputer:
+    """Adjacency rows by back-propagation through one retained linear forward."""
+
+    def __init__(self, model: ReplacementModel, state: PromptState, sources: Sources, batch: int):
+        self.model, self.sources, self.batch = model, sources, batch
+        self.n_pos = state.n_pos
+        self.linear: LinearPass = model.linear_forward(state, batch)
+        self.n_backward = 0
+
+    def rows(self, targets: list[Target]) -> torch.Tensor:
+        """(len(targets), n_columns) float32, at most `batch` targets."""
+        assert 0 < len(targets) <= self.batch
+        lp, shape = self.linear, self.linear.embed.shape
+        injections: dict[int | None, torch.Tensor] = {}
+        for b, target in enumerate(targets):
+            if target.layer not in injections:
+                injections[target.layer] = torch.zeros(shape, dtype=lp.embed.dtype)
+            injections[target.layer][b, target.pos] = target.vector.to(lp.embed.dtype)
+        outputs = [lp.final_hidden if layer is None else lp.reads[layer] for layer in injections]
+        grads = torch.autograd.grad(
+            outputs,
+            [lp.embed, *lp.writes],
+            grad_outputs=list(injections.values()),
+            retain_graph=True,
+            allow_unused=True,
+        )
+        self.n_backward += 1
+        n = len(targets)
+        return self._contract(grads[0], grads[1:], n)
+
+    def _contract(
+        self, grad_embed: torch.Tensor | None, grad_writes: Sequence[torch.Tensor | None], n: int
+    ) -> torch.Tensor:
+        src = self.sources
+        out = torch.zeros(n, src.n_columns, dtype=src.tokens.dtype)
+        n_layers = len(grad_writes)
+        error_cols = out[:, src.n_active : src.n_active + n_layers * self.n_pos]
+        error_cols = error_cols.view(n, n_layers, self.n_pos)
+        for layer, grad in enumerate(grad_writes):
+            if grad is None:
+                continue
+            grad = grad[:n].to(out.dtype)  # (n, n_pos, d_model)
+            error_cols[:, layer] = torch.einsum("bpd,pd->bp", grad, src.errors[layer])
+            index, pos, vectors = src.writes[layer]
+            chunk = max(1, ELEMENT_BUDGET // max(1, n * grad.shape[-1]))
+            for start in range(0, index.shape[0], chunk):
+                sl = slice(start, start + chunk)
+                gathered = grad[:, pos[sl]]  # (n, chunk, d_model)
+                out[:, index[sl]] += torch.einsum("bkd,kd->bk", gathered, vectors[sl])
+        if grad_embed is not None:
+            token_cols = out[:, src.n_columns - self.n_pos :]
+            token_cols += torch.einsum("bpd,pd->bp", grad_embed[:n].to(out.dtype), src.tokens)
+        return out
+
+
+def _feature_targets(model: ReplacementModel, sources: Sources, idx: torch.Tensor) -> list[Target]:
+    ts = model.transcoders
+    out = []
+    for layer, pos, feat in sources.features[idx].tolist():
+        out.append(Target(layer=layer, pos=pos, vector=ts.layer(layer).W_enc[feat]))
+    return out
+
+
+def _logit_read_vectors(model: ReplacementModel, targets: list[LogitTarget]) -> torch.Tensor:
+    """(k, d_model): each target's combination of demeaned unembedding rows."""
+    unembed = model.unembedding.to(accumulation_dtype(model))
+    demeaned_rows = []
+    for target in targets:
+        ids = torch.tensor(target.token_ids)
+        weights = torch.tensor(target.weights, dtype=unembed.dtype)
+        demeaned_rows.append(weights @ (unembed[ids] - unembed.mean(0)))
+    return torch.stack(demeaned_rows)
+
+
+def _influence_on_logits(
+    rows: torch.Tensor, row_nodes: torch.Tensor, logit_weights: torch.Tensor, n_columns: int
+) -> torch.Tensor:
+    """Estimated influence of every column node on the logits from the rows known so far.
+
+    rows (n_rows, n_columns), row_nodes (n_rows,) the column index each row's node has (logits get
+    indices >= n_columns), logit_weights (n_rows,) nonzero on logit rows.
+    """
+    normalized = rows.abs()
+    normalized /= normalized.sum(1, keepdim=True).clamp_min(1e-30)
+    position = torch.full((n_columns,), -1, dtype=torch.long)
+    known = row_nodes < n_columns
+    position[row_nodes[known]] = known.nonzero(as_tuple=True)[0]
+    influence = torch.zeros(n_columns, dtype=rows.dtype)
+    current = logit_weights.clone()
+    for _ in range(rows.shape[0] + 1):
+        spread = current @ normalized
+        influence += spread
+        current = torch.zeros_like(current)
+        has_row = position >= 0
+        current[position[has_row]] = spread[has_row]
+        if not current.any():
+            break
+    return influence
+
+
+def explore_features(
+    computer: RowComputer,
+    sources: Sources,
+    logit_targets: list[LogitTarget],
+    logit_vectors: torch.Tensor,
+    n_pos: int,
+    max_feature_nodes: int | None,
+    update_interval: int = 4,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows for the logits, then for features (all, or the most influential first).
+
+    Returns (logit rows (k, n_columns), visited feature indices (m,), their rows (m, n_columns)).
+    """
+    batch, model = computer.batch, computer.model
+    logit_rows = torch.cat(
+        [
+            computer.rows([Target(None, n_pos - 1, v) for v in logit_vectors[i : i + batch]])
+            for i in range(0, len(logit_targets), batch)
+        ]
+    )
+    n_active = sources.n_active
+    budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
+    feature_rows = torch.zeros(budget, sources.n_columns, dtype=logit_rows.dtype)
+    visited = torch.zeros(budget, dtype=torch.long)
+    seen = torch.zeros(n_active, dtype=torch.bool)
+    weights = torch.tensor([t.probability for t in logit_targets], dtype=logit_rows.dtype)
+    logit_nodes = torch.arange(len(logit_targets)) + sources.n_columns
+    greedy = budget < n_active
+    queue = torch.arange(n_active)
+    done = 0
+    bar = tqdm(total=budget, desc="feature rows", unit="row", disable=not progress, leave=False)
+    while done < budget:
+        if greedy and (done // batch) % update_interval == 0:
+            influence = _influence_on_logits(
+                torch.cat([logit_rows, feature_rows[:done]]),
+                torch.cat([logit_nodes, visited[:done]]),
+                torch.cat([weights, torch.zeros(done, dtype=weights.dtype)]),
+                sources.n_columns,
+            )[:n_active]
+            influence[seen] = -1.0
+            queue = influence.argsort(descending=True)[: budget - done]
+            queue_start = done
+        take = queue[done - (queue_start if greedy else 0) :][: min(batch, budget - done)]
+        feature_rows[done : done + len(take)] = computer.rows(
+            _feature_targets(model, sources, take)
+        )
+        visited[done : done + len(take)] = take
+        seen[take] = True
+        done += len(take)
+        bar.update(len(take))
+    bar.close()
+    return logit_rows, visited, feature_rows
+
+
+def assemble_graph(
+    sources: Sources,
+    logit_rows: torch.Tensor,
+    visited: torch.Tensor,
+    feature_rows: torch.Tensor,
+    n_layers: int,
+    n_pos: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(selected feature indices sorted, adjacency (N, N)) in node order."""
+    selected, order = visited.sort()
+    n_sel, n_logits = selected.shape[0], logit_rows.shape[0]
+    n_err = n_layers * n_pos
+    n = n_sel + n_err + n_pos + n_logits
+    columns = torch.cat([selected, torch.arange(sources.n_active, sources.n_columns)])
+    adjacency = torch.zeros(n, n, dtype=logit_rows.dtype)
+    adjacency[:n_sel, : n_sel + n_err + n_pos] = feature_rows[order][:, columns]
+    adjacency[n - n_logits :, : n_sel + n_err + n_pos] = logit_rows[:, columns]
+    return selected, adjacency
+
+
+def attribute(
+    prompt: str | Sequence[int] | torch.Tensor,
+    model: ReplacementModel,
+    *,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    targets: Sequence[int | str | LogitTarget] | None = None,
+    batch_size: int = 256,
+    max_feature_nodes: int | None = None,
+    offload: bool = False,
+    zero_bos: bool = True,
+    progress: bool = True,
+) -> Graph:
+    """Compute the attribution graph of `prompt` under `model`'s local replacement model."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_feature_nodes is not None and max_feature_nodes < 1:
+        raise ValueError(
+            f"max_feature_nodes must be >= 1 (or None for all), got {max_feature_nodes}"
+        )
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
+    input_ids = model.tokenize(prompt)
+    state = model.run_prompt(input_ids, zero_bos=zero_bos)
+    logit_targets = select_logit_targets(
+        model,
+        state,
+        max_n_logits=max_n_logits,
+        desired_logit_prob=desired_logit_prob,
+        targets=targets,
+    )
+    sources = collect_sources(model, state)
+    lap("forward")
+    batch = min(batch_size, max(sources.n_active, len(logit_targets)))
+    computer = RowComputer(model, state, sources, batch)
+    lap("linear_forward")
+    logit_vectors = _logit_read_vectors(model, logit_targets)
+    logit_rows, visited, feature_rows = explore_features(
+        computer,
+        sources,
+        logit_targets,
+        logit_vectors,
+        state.n_pos,
+        max_feature_nodes,
+        progress=progress,
+    )
+    lap("rows")
+    n_backward = computer.n_backward
+    del computer
+    if offload:
+        model.transcoders.offload()
+    selected, adjacency = assemble_graph(
+        sources, logit_rows, visited, feature_rows, model.n_layers, state.n_pos
+    )
+    lap("assemble")
+    prompt_text = prompt if isinstance(prompt, str) else None
+    return Graph(
+        adjacency_matrix=adjacency,
+        active_features=sources.features,
+        activation_values=sources.activations,
+        selected_features=selected,
+        logit_targets=logit_targets,
+        input_tokens=input_ids,
+        input_string=prompt_text,
+        n_layers=model.n_layers,
+        metadata={
+            "model_id": model.model_id,
+            "model_revision": model.model_revision,
+            "transcoder_set": model.transcoders.source,
+            "transcoder_revision": model.transcoders.revision,
+            "scan": model.transcoders.model_name,
+            "family": model.family.name,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "config": {
+                "max_n_logits": max_n_logits,
+                "desired_logit_prob": desired_logit_prob,
+                "batch_size": batch_size,
+                "max_feature_nodes": max_feature_nodes,
+                "zero_bos": zero_bos,
+                "custom_targets": targets is not None,
+            },
+            "timings": timings,
+            "n_backward": n_backward,
+        },
+    )

@@ -1,0 +1,134 @@
+"""Model families: where each family's MLP reads and writes, which norms sit on the residual path.
+
+This is the one table of per-family quirks. Module paths are relative to the decoder stack (the
+`base` attribute of the causal-LM wrapper: `transformer` for GPT-2, `model` for the others) and to one
+decoder layer. Transcoder configs name their read/write points with TransformerLens hook names;
+`hook_point` maps those onto this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NORM_STYLES = ("layernorm", "rms", "rms_one_plus")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    base: str  # decoder stack attribute on the *ForCausalLM model
+    layers: str  # ModuleList of decoder layers, on the base
+    embed_out: str  # module on the base whose output is the residual stream entering layer 0
+    final_norm: str  # on the base
+    attention: str  # on a layer
+    mlp: str  # on a layer
+    pre_mlp_norm: str  # on a layer: its input is resid_mid, its output the MLP input
+    mlp_write: str  # on a layer: its output is what the MLP block adds to the residual stream
+    residual_norms: tuple[
+        str, ...
+    ]  # on a layer: norms on the linear path (frozen); not inside the MLP
+    norm_style: (
+        str  # "layernorm" (mean and scale), "rms" (w * x/rms), "rms_one_plus" ((1 + w) * x/rms)
+    )
+    final_softcap_attr: str | None = None  # config attribute of a final logit soft-cap
+    attn_implementation: str | None = None  # implementation the family must run with
+
+    def __post_init__(self) -> None:
+        assert self.norm_style in NORM_STYLES, self.norm_style
+
+
+GPT2 = Family(
+    name="gpt2",
+    model_types=("gpt2",),
+    base="transformer",
+    layers="h",
+    embed_out="drop",  # wte + wpe, after (inactive) dropout
+    final_norm="ln_f",
+    attention="attn",
+    mlp="mlp",
+    pre_mlp_norm="ln_2",
+    mlp_write="mlp",
+    residual_norms=("ln_1", "ln_2"),
+    norm_style="layernorm",
+)
+
+LLAMA = Family(
+    name="llama",
+    model_types=("llama",),
+    base="model",
+    layers="layers",
+    embed_out="embed_tokens",
+    final_norm="norm",
+    attention="self_attn",
+    mlp="mlp",
+    pre_mlp_norm="post_attention_layernorm",
+    mlp_write="mlp",
+    residual_norms=("input_layernorm", "post_attention_layernorm"),
+    norm_style="rms",
+)
+
+# Qwen-3 differs from Llama by q/k norms inside attention; they only shape the (frozen) pattern.
+QWEN3 = Family(**{**LLAMA.__dict__, "name": "qwen3", "model_types": ("qwen3",)})
+
+# Gemma-2: four norms per block with (1 + w) scaling, embedding scaled by sqrt(d_model) inside
+# embed_tokens, attention soft-cap (eager only), final logit soft-cap. The MLP writes through
+# post_feedforward_layernorm, which belongs to the replaced MLP block and is not frozen.
+GEMMA2 = Family(
+    name="gemma2",
+    model_types=("gemma2",),
+    base="model",
+    layers="layers",
+    embed_out="embed_tokens",
+    final_norm="norm",
+    attention="self_attn",
+    mlp="mlp",
+    pre_mlp_norm="pre_feedforward_layernorm",
+    mlp_write="post_feedforward_layernorm",
+    residual_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm"),
+    norm_style="rms_one_plus",
+    final_softcap_attr="final_logit_softcapping",
+    attn_implementation="eager",
+)
+
+FAMILIES = (GPT2, LLAMA, QWEN3, GEMMA2)
+
+
+def family_for(model_type: str) -> Family:
+    """The family entry for a transformers `config.model_type`."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise ValueError(f"unsupported model type {model_type!r}; supported: {supported}")
+
+
+# TransformerLens hook names used by published transcoder sets -> (which module, input or output).
+_HOOKS = {
+    "hook_resid_mid": ("pre_mlp_norm", "input"),
+    "ln2.hook_normalized": ("mlp", "input"),
+    "mlp.hook_in": ("mlp", "input"),
+    "hook_mlp_out": ("mlp_write", "output"),
+    "mlp.hook_out": ("mlp_write", "output"),
+}
+READ_HOOKS = ("hook_resid_mid", "ln2.hook_normalized", "mlp.hook_in")
+WRITE_HOOKS = ("hook_mlp_out", "mlp.hook_out")
+
+
+def hook_point(family: Family, hook: str, *, write: bool) -> tuple[str, str]:
+    """Map a TransformerLens hook name (optionally `blocks.{i}.`-prefixed) to (layer module, side)."""
+    name = hook.split(".", 2)[2] if hook.startswith("blocks.") else hook
+    valid = WRITE_HOOKS if write else READ_HOOKS
+    if name not in valid:
+        kind = "feature_output_hook" if write else "feature_input_hook"
+        raise ValueError(f"{kind} {hook!r} is not supported; valid: {', '.join(valid)}")
+    attr, side = _HOOKS[name]
+    return getattr(family, attr), side
+
+
+def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root

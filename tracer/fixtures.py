@@ -1,0 +1,133 @@
+"""Small seeded random models and transcoders for tests, benchmarks and the quick-start job.
+
+They are untrained: good for exactness checks and timings, not for looking at circuits. Every
+family of `tracer.families` can be built, with every transcoder variant.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from tracer.transcoders import LayerWeights, TranscoderSet
+
+FIXTURE_FAMILIES = ("gpt2", "llama", "gemma2", "qwen3")
+TRANSCODER_KINDS = ("plt-jumprelu", "plt-relu", "plt-topk", "plt-skip", "clt")
+
+
+def build_model(
+    family: str,
+    *,
+    n_layers: int = 2,
+    d_model: int = 32,
+    n_heads: int = 4,
+    vocab: int = 64,
+    context: int = 128,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A tiny random causal LM of `family`; Llama uses grouped-query attention."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if family == "gpt2":
+        config = GPT2Config(
+            n_layer=n_layers, n_embd=d_model, n_head=n_heads, n_positions=context, **common
+        )
+        model = GPT2LMHeadModel(config)
+    else:
+        llama_like = dict(
+            num_hidden_layers=n_layers,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_attention_heads=n_heads,
+            num_key_value_heads=max(1, n_heads // 2),
+            max_position_embeddings=context,
+            **common,
+        )
+        if family == "llama":
+            model = LlamaForCausalLM(LlamaConfig(**llama_like))
+        elif family == "qwen3":
+            model = Qwen3ForCausalLM(Qwen3Config(head_dim=d_model // n_heads, **llama_like))
+        elif family == "gemma2":
+            config = Gemma2Config(
+                head_dim=d_model // n_heads,
+                sliding_window=4,
+                attn_logit_softcapping=50.0,
+                final_logit_softcapping=30.0,
+                attn_implementation="eager",
+                **llama_like,
+            )
+            model = Gemma2ForCausalLM(config)
+        else:
+            raise ValueError(f"unknown fixture family {family!r}; valid: {FIXTURE_FAMILIES}")
+    _perturb_norms(model, seed)
+    return model.eval()
+
+
+def _perturb_norms(model: PreTrainedModel, seed: int) -> None:
+    """Random norm weights/biases, so tests do not pass by the accident of unit weights."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def build_transcoders(
+    kind: str,
+    *,
+    n_layers: int,
+    d_model: int,
+    d_transcoder: int = 48,
+    feature_input_hook: str = "mlp.hook_in",
+    seed: int = 0,
+    top_k: int = 8,
+) -> TranscoderSet:
+    """A random transcoder set of `kind` (see TRANSCODER_KINDS) with many active features."""
+    if kind not in TRANSCODER_KINDS:
+        raise ValueError(f"unknown transcoder kind {kind!r}; valid: {TRANSCODER_KINDS}")
+    gen = torch.Generator().manual_seed(seed)
+    cross_layer = kind == "clt"
+    activation = {"plt-relu": "relu", "plt-topk": "topk"}.get(kind, "jumprelu")
+
+    def randn(*shape: int, scale: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * scale
+
+    layers = []
+    for i in range(n_layers):
+        dec_shape = (
+            (d_transcoder, n_layers - i, d_model) if cross_layer else (d_transcoder, d_model)
+        )
+        layers.append(
+            LayerWeights(
+                W_enc=randn(d_transcoder, d_model, scale=d_model**-0.5),
+                b_enc=randn(d_transcoder, scale=0.1),
+                W_dec=randn(*dec_shape, scale=0.3 * d_transcoder**-0.5),
+                b_dec=randn(d_model, scale=0.05),
+                threshold=torch.rand(d_transcoder, generator=gen) * 0.3
+                if activation == "jumprelu"
+                else None,
+                W_skip=randn(d_model, d_model, scale=0.3 * d_model**-0.5)
+                if kind == "plt-skip"
+                else None,
+            )
+        )
+    return TranscoderSet.from_layers(
+        layers,
+        activation=activation,
+        cross_layer=cross_layer,
+        top_k=top_k if activation == "topk" else None,
+        feature_input_hook=feature_input_hook,
+        feature_output_hook="mlp.hook_out",
+        model_name="fixture",
+        source=f"fixture:{kind}",
+    )

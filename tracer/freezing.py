@@ -1,0 +1,153 @@
+"""Freeze attention patterns and norm scales, for gradients or for values.
+
+Modes per component:
+- "off":    the model runs as usual (our recomputed norms are value-identical up to rounding);
+- "detach": values as usual, but no gradient flows through the pattern or the norm scale
+            (attribution: the residual stream becomes linear in its sources);
+- "record": values as usual, and the query/key tensors and norm scales of this prompt are stored;
+- "replay": the stored query/key tensors and norm scales are used whatever the input is
+            (direct-effect interventions: the frozen model run forward).
+
+Attention goes through a function registered with transformers' `AttentionInterface` that calls the
+model's own implementation with query and key swapped or detached: the pattern depends only on
+them, so RoPE, grouped-query attention, q/k norms, soft-caps and sliding windows stay the family's own.
+The matching mask function is registered under the same name, or the model would silently run with
+no causal mask. Norms are frozen by forward hooks that recompute the output with the scale frozen.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from tracer.families import Family, get_module
+
+MODES = ("off", "detach", "record", "replay")
+
+# attention module -> its layer's state; weak so a freed model leaves nothing behind
+_ATTENTION_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _AttentionState:
+    inner: object  # the family's own attention function
+    mode: str = "off"
+    query: torch.Tensor | None = None  # (1, heads, n_pos, head_dim) recorded
+    key: torch.Tensor | None = None
+
+
+@dataclass
+class _NormState:
+    style: str
+    mode: str = "off"
+    scale: torch.Tensor | None = None  # (1, n_pos, 1) recorded 1/denominator, float32
+
+
+def _frozen_attention(module, query, key, value, attention_mask, **kwargs):
+    state = _ATTENTION_STATE[module]
+    if state.mode == "detach":
+        query, key = query.detach(), key.detach()
+    elif state.mode == "record":
+        state.query, state.key = query.detach(), key.detach()
+    elif state.mode == "replay":
+        if state.query is None or state.query.shape[-2] != query.shape[-2]:
+            raise RuntimeError("attention replay needs a recorded prompt of the same length")
+        query = state.query.expand(query.shape[0], -1, -1, -1).to(query.dtype)
+        key = state.key.expand(key.shape[0], -1, -1, -1).to(key.dtype)
+    return state.inner(module, query, key, value, attention_mask, **kwargs)
+
+
+def _implementation_name(original: str) -> str:
+    name = f"tracer_frozen_{original}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _frozen_attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
+
+
+def _norm_output(module: torch.nn.Module, x: torch.Tensor, state: _NormState) -> torch.Tensor:
+    """The norm's output with its scale frozen per `state.mode`, in the input's dtype."""
+    eps = getattr(module, "eps", None)
+    if eps is None:
+        eps = module.variance_epsilon
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    if state.style == "layernorm":
+        xf = xf - xf.mean(-1, keepdim=True)
+        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if state.mode == "detach":
+        scale = scale.detach()
+    elif state.mode == "record":
+        state.scale = scale.detach()
+    elif state.mode == "replay":
+        if state.scale is None or state.scale.shape[-2] != x.shape[-2]:
+            raise RuntimeError("norm replay needs a recorded prompt of the same length")
+        scale = state.scale
+    normed = xf * scale
+    if state.style == "layernorm":
+        out = normed * module.weight.to(xf.dtype)
+        if module.bias is not None:
+            out = out + module.bias.to(xf.dtype)
+        return out.to(x.dtype)
+    if state.style == "rms_one_plus":
+        return (normed * (1.0 + module.weight.to(xf.dtype))).to(x.dtype)
+    return module.weight * normed.to(x.dtype)
+
+
+@dataclass
+class Freezer:
+    """Attention/norm freezing installed on one model; switch modes with `set_mode`."""
+
+    family: Family
+    model: torch.nn.Module  # the *ForCausalLM model
+    _attention: list[_AttentionState] = field(default_factory=list)
+    _norms: list[_NormState] = field(default_factory=list)
+    _handles: list = field(default_factory=list)
+
+    @classmethod
+    def install(cls, model: torch.nn.Module, family: Family) -> Freezer:
+        freezer = cls(family=family, model=model)
+        original = model.config._attn_implementation
+        if original.startswith("tracer_frozen_"):
+            raise RuntimeError("model already has tracer freezing installed")
+        base = get_module(model, family.base)
+        layers = get_module(base, family.layers)
+        module_source = sys.modules[type(get_module(layers[0], family.attention)).__module__]
+        inner = (
+            module_source.eager_attention_forward
+            if original == "eager"
+            else ALL_ATTENTION_FUNCTIONS[original]
+        )
+        for layer in layers:
+            state = _AttentionState(inner=inner)
+            _ATTENTION_STATE[get_module(layer, family.attention)] = state
+            freezer._attention.append(state)
+            for name in family.residual_norms:
+                freezer._hook_norm(get_module(layer, name))
+        freezer._hook_norm(get_module(base, family.final_norm))
+        model.set_attn_implementation(_implementation_name(original))
+        return freezer
+
+    def _hook_norm(self, module: torch.nn.Module) -> None:
+        state = _NormState(style=self.family.norm_style)
+        self._norms.append(state)
+        handle = module.register_forward_hook(lambda m, args, out: _norm_output(m, args[0], state))
+        self._handles.append(handle)
+
+    def set_mode(self, attention: str = "off", norms: str | None = None) -> None:
+        """Set the freezing mode of every attention layer and norm (norms default to `attention`)."""
+        norms = attention if norms is None else norms
+        for mode in (attention, norms):
+            if mode not in MODES:
+                raise ValueError(f"freezing mode must be one of {MODES}, got {mode!r}")
+        for state in self._attention:
+            state.mode = attention
+        for state in self._norms:
+            state.mode = norms

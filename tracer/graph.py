@@ -1,0 +1,186 @@
+"""The attribution graph: tensors + self-describing metadata, saved as safetensors (never pickle).
+
+Node order: `[selected features | errors (layer-major) | tokens | logits]`; `adjacency_matrix[t, s]`
+is the direct effect of source s on target t. Field names follow the reference tool's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tracer import pruning
+
+FORMAT = "tracer.graph/1"
+TENSOR_FIELDS = (
+    "adjacency_matrix",
+    "active_features",
+    "activation_values",
+    "selected_features",
+    "input_tokens",
+)
+
+
+def library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tracer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class LogitTarget:
+    """A logit node: a weighted sum of token logits (one token with weight 1 for plain targets)."""
+
+    label: str
+    token_ids: tuple[int, ...]
+    weights: tuple[float, ...]
+    probability: float
+
+    @classmethod
+    def token(cls, token_id: int, probability: float, label: str | None = None) -> LogitTarget:
+        return cls(label or str(token_id), (token_id,), (1.0,), probability)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids or len(self.token_ids) != len(self.weights):
+            raise ValueError("a logit target needs as many weights as token ids, at least one")
+        if not 0 <= self.probability <= 1:
+            raise ValueError(f"logit target probability must be in [0, 1], got {self.probability}")
+
+
+@dataclass
+class Graph:
+    adjacency_matrix: torch.Tensor  # (N, N) float32
+    active_features: torch.Tensor  # (n_active, 3) long: layer, pos, feature
+    activation_values: torch.Tensor  # (n_active,)
+    selected_features: torch.Tensor  # (n_selected,) indices into active_features, ascending
+    logit_targets: list[LogitTarget]
+    input_tokens: torch.Tensor  # (n_pos,)
+    input_string: str | None
+    n_layers: int
+    metadata: dict = field(default_factory=dict)
+
+    # ---- layout ----------------------------------------------------------------------------------
+    @property
+    def n_pos(self) -> int:
+        return self.input_tokens.shape[0]
+
+    @property
+    def layout(self) -> pruning.NodeLayout:
+        return pruning.NodeLayout(
+            n_features=self.selected_features.shape[0],
+            n_errors=self.n_layers * self.n_pos,
+            n_tokens=self.n_pos,
+            n_logits=len(self.logit_targets),
+        )
+
+    @property
+    def logit_tokens(self) -> torch.Tensor:
+        return torch.tensor([t.token_ids[0] for t in self.logit_targets], dtype=torch.long)
+
+    @property
+    def logit_probabilities(self) -> torch.Tensor:
+        return torch.tensor([t.probability for t in self.logit_targets], dtype=torch.float32)
+
+    def logit_weights(self) -> torch.Tensor:
+        """(N,) logit probabilities on the logit nodes, zero elsewhere."""
+        weights = torch.zeros(self.layout.n_nodes)
+        weights[self.layout.logit_slice] = self.logit_probabilities
+        return weights
+
+    # ---- analysis --------------------------------------------------------------------------------
+    def node_influence(self) -> torch.Tensor:
+        return pruning.node_influence(self.adjacency_matrix, self.logit_weights())
+
+    def prune(
+        self, node_threshold: float = 0.8, edge_threshold: float = 0.98
+    ) -> pruning.PruneResult:
+        return pruning.prune(
+            self.adjacency_matrix, self.layout, self.logit_weights(), node_threshold, edge_threshold
+        )
+
+    def scores(self, result: pruning.PruneResult | None = None) -> pruning.GraphScores:
+        """Replacement and completeness scores, of the full graph or of a pruned subgraph."""
+        masks = (
+            {} if result is None else {"node_mask": result.node_mask, "edge_mask": result.edge_mask}
+        )
+        return pruning.graph_scores(
+            self.adjacency_matrix, self.layout, self.logit_weights(), **masks
+        )
+
+    # ---- files ---------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write a .safetensors file atomically (temporary name, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {
+            "format": FORMAT,
+            "library_version": library_version(),
+            "n_layers": self.n_layers,
+            "input_string": self.input_string,
+            "logit_targets": [t.__dict__ for t in self.logit_targets],
+            "metadata": self.metadata,
+        }
+        tensors = {name: getattr(self, name).contiguous() for name in TENSOR_FIELDS}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"tracer": json.dumps(header)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Graph:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"graph file {path} does not exist")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get("tracer")
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"graph file {path} is corrupt or truncated: {err}") from err
+        if raw is None:
+            raise ValueError(f"{path} is a safetensors file but not a tracer graph (no header)")
+        header = json.loads(raw)
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path}: unsupported graph format {header.get('format')!r}")
+        missing = [n for n in TENSOR_FIELDS if n not in tensors]
+        if missing:
+            raise ValueError(f"graph file {path} lacks tensors {missing}")
+        graph = cls(
+            **{n: tensors[n] for n in TENSOR_FIELDS},
+            logit_targets=[
+                LogitTarget(
+                    label=t["label"],
+                    token_ids=tuple(t["token_ids"]),
+                    weights=tuple(t["weights"]),
+                    probability=t["probability"],
+                )
+                for t in header["logit_targets"]
+            ],
+            input_string=header["input_string"],
+            n_layers=header["n_layers"],
+            metadata=header["metadata"],
+        )
+        n = graph.layout.n_nodes
+        if tuple(graph.adjacency_matrix.shape) != (n, n):
+            raise ValueError(
+                f"graph file {path}: adjacency is {tuple(graph.adjacency_matrix.shape)}, "
+                f"its node counts say ({n}, {n})"
+            )
+        return graph

@@ -1,0 +1,298 @@
+"""The local replacement model: a transformers model traced with NNSight, transcoders in the loop.
+
+For one prompt (DESIGN.md section 2): attention patterns and norm scales are frozen, each MLP output
+is `transcoder output + error` with the error a constant, feature activations are constants. A
+transcoder's skip term is linear in the MLP input, so it stays differentiable (it is part of the
+linear model, not a source). `ReplacementModel` owns the model, its transcoders, the freezing
+switches and the two traced passes the rest of the library needs:
+- `run_prompt`: one clean forward that records everything of the prompt (`PromptState`);
+- `linear_forward`: the prompt repeated `batch` times with gradients frozen, returning the tensors
+  that attribution differentiates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from nnsight import NNsight
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from tracer.families import Family, family_for, get_module, hook_point
+from tracer.freezing import Freezer
+from tracer.transcoders import TranscoderSet
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def load_model(
+    name_or_path: str, *, dtype: str | torch.dtype = "float32", revision: str | None = None
+) -> PreTrainedModel:
+    """Load a causal LM from a local folder or hub id, in eval mode, on CPU."""
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    family = family_for(config.model_type)
+    kwargs = (
+        {"attn_implementation": family.attn_implementation} if family.attn_implementation else {}
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, revision=revision, dtype=parse_dtype(dtype), **kwargs
+    )
+    return model.eval()
+
+
+@dataclass
+class PromptState:
+    """Everything recorded on one clean pass over a prompt. Shapes per layer: (n_pos, ...)."""
+
+    input_ids: torch.Tensor  # (n_pos,)
+    embeddings: torch.Tensor  # (n_pos, d_model): residual stream entering layer 0 (token sources)
+    reads: list[torch.Tensor]  # per layer (n_pos, d_model): what the transcoder reads
+    mlp_outputs: list[torch.Tensor]  # per layer (n_pos, d_model): what the MLP writes
+    activations: list[torch.Tensor]  # per layer (n_pos, d_transcoder): feature activations
+    errors: list[torch.Tensor]  # per layer (n_pos, d_model): mlp_output - transcoder output
+    final_hidden: torch.Tensor  # (n_pos, d_model): after the final norm
+    logits: torch.Tensor  # (n_pos, vocab): the model's own logits (after any soft-cap)
+
+    @property
+    def n_pos(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class ReplacementModel:
+    """A causal LM with a transcoder set, ready for attribution and interventions."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        transcoders: TranscoderSet,
+        *,
+        tokenizer=None,
+        model_id: str | None = None,
+        model_revision: str | None = None,
+    ) -> None:
+        self.family: Family = family_for(model.config.model_type)
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.model_id = model_id or getattr(model.config, "_name_or_path", None) or "unknown"
+        self.model_revision = model_revision
+        self.transcoders = transcoders
+        self.base = get_module(model, self.family.base)
+        self.layers = get_module(self.base, self.family.layers)
+        self.n_layers = len(self.layers)
+        self.d_model = model.config.hidden_size
+        self._check_transcoders()
+        self.read_module, self.read_side = hook_point(
+            self.family, transcoders.feature_input_hook, write=False
+        )
+        self.write_module, _ = hook_point(self.family, transcoders.feature_output_hook, write=True)
+        self.freezer = Freezer.install(model, self.family)
+        self.envoy = NNsight(self.base)
+        self.dtype = next(model.parameters()).dtype
+        transcoders.to(self.dtype)
+        self.softcap = (
+            getattr(model.config, self.family.final_softcap_attr, None)
+            if self.family.final_softcap_attr
+            else None
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        transcoders: str,
+        *,
+        dtype: str | torch.dtype = "float32",
+        revision: str | None = None,
+        transcoder_revision: str | None = None,
+    ) -> ReplacementModel:
+        """Load a model (folder or hub id) and a transcoder set (folder or hf:// URI)."""
+        from tracer.transcoder_files import load_transcoders
+
+        lm = load_model(model, dtype=dtype, revision=revision)
+        ts = load_transcoders(transcoders, revision=transcoder_revision)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+        except (OSError, ValueError):
+            tokenizer = None
+        return cls(lm, ts, tokenizer=tokenizer, model_id=model, model_revision=revision)
+
+    def _check_transcoders(self) -> None:
+        ts = self.transcoders
+        if ts.d_model != self.d_model:
+            raise ValueError(
+                f"transcoder d_model {ts.d_model} does not match the model's hidden size "
+                f"{self.d_model} ({self.model_id})"
+            )
+        if ts.n_layers != self.n_layers:
+            raise ValueError(
+                f"transcoder set has {ts.n_layers} layers but the model has {self.n_layers}"
+            )
+
+    # ---- prompts -------------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int | None:
+        config = self.model.config
+        return getattr(config, "n_positions", None) or getattr(
+            config, "max_position_embeddings", None
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unembedding.shape[0]
+
+    def tokenize(self, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Token ids (n_pos,) with a special token first (BOS, else EOS/PAD), as DESIGN.md asks."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty; give some text or token ids")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass the prompt as token ids")
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            ids = torch.as_tensor(prompt).flatten().tolist()
+            if not ids:
+                raise ValueError("prompt is empty; give some text or token ids")
+        special = self._special_token_ids()
+        if ids[0] not in special:
+            start = self._start_token_id()
+            ids = [start, *ids] if start is not None else ids
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
+        limit = self.context_length
+        if limit is not None and len(ids) > limit:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens (with the start token) but the model's context "
+                f"is {limit} tokens"
+            )
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _special_token_ids(self) -> set[int]:
+        config = self.model.config
+        ids = {getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        if self.tokenizer is not None:
+            ids |= set(self.tokenizer.all_special_ids)
+        return {i for i in ids if isinstance(i, int)}
+
+    def _start_token_id(self) -> int | None:
+        for source in (self.tokenizer, self.model.config):
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                value = getattr(source, key, None) if source is not None else None
+                if isinstance(value, int):
+                    return value
+        return None
+
+    # ---- weights -------------------------------------------------------------------------------
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """(vocab, d_model)."""
+        return self.model.get_output_embeddings().weight
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits from final-normed hidden states (soft-cap applied)."""
+        logits = self.model.get_output_embeddings()(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _layer_module(self, layer: int, name: str):
+        envoy = get_module(self.envoy, self.family.layers)[layer]
+        return get_module(envoy, name)
+
+    def _read_envoy(self, layer: int):
+        module = self._layer_module(layer, self.read_module)
+        return module.input if self.read_side == "input" else module.output
+
+    def _embed_envoy(self):
+        return get_module(self.envoy, self.family.embed_out)
+
+    # ---- passes --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_prompt(self, input_ids: torch.Tensor, *, zero_bos: bool = True) -> PromptState:
+        """Clean forward of one prompt; records patterns and norm scales for later replay."""
+        ts = self.transcoders
+        self.freezer.set_mode("record")
+        try:
+            reads, outputs = [], []
+            with self.envoy.trace(input_ids[None]):
+                embeddings = self._embed_envoy().output.save()
+                for layer in range(self.n_layers):
+                    reads.append(self._read_envoy(layer).save())
+                    outputs.append(self._layer_module(layer, self.write_module).output.save())
+                final = self.envoy.output[0].save()
+        finally:
+            self.freezer.set_mode("off")
+        reads = [r[0] for r in reads]
+        outputs = [o[0] for o in outputs]
+        activations = [ts.encode(layer, reads[layer]) for layer in range(self.n_layers)]
+        errors = [
+            outputs[layer] - ts.reconstruct(layer, activations, reads[layer])
+            for layer in range(self.n_layers)
+        ]
+        if zero_bos and input_ids[0].item() in self._special_token_ids():
+            # The start token's residual is huge and its features uninformative: neither its
+            # features nor its errors are sources; its MLP output stays in as a constant.
+            for t in (*activations, *errors):
+                t[0] = 0
+        return PromptState(
+            input_ids=input_ids,
+            embeddings=embeddings[0],
+            reads=reads,
+            mlp_outputs=outputs,
+            activations=activations,
+            errors=errors,
+            final_hidden=final[0],
+            logits=self.logits_from_hidden(final[0]),
+        )
+
+    def linear_forward(self, state: PromptState, batch: int) -> LinearPass:
+        """Forward of the prompt repeated `batch` times, linear in its sources.
+
+        Attention patterns and norm scales are detached, MLP outputs are constants (plus the
+        transcoder's skip term, which is linear), so gradients at the returned write points are
+        exact direct effects.
+        """
+        ts = self.transcoders
+        ids = state.input_ids[None].expand(batch, -1)
+        shape = (batch, state.n_pos, self.d_model)
+        self.freezer.set_mode("detach")
+        try:
+            reads, writes = [], []
+            with self.envoy.trace(ids):
+                embed = state.embeddings.detach().expand(shape).clone().requires_grad_(True).save()
+                self._embed_envoy().output = embed
+                for layer in range(self.n_layers):
+                    read = self._read_envoy(layer).save()
+                    skip_clean = ts.skip(layer, state.reads[layer]) if ts.has_skip else 0
+                    constant = state.mlp_outputs[layer] - skip_clean
+                    write = constant.expand(shape).clone().requires_grad_(True).save()
+                    out = write + ts.skip(layer, read) if ts.has_skip else write
+                    self._layer_module(layer, self.write_module).output = out
+                    reads.append(read)
+                    writes.append(write)
+                final = self.envoy.output[0].save()
+        finally:
+            self.freezer.set_mode("off")
+        return LinearPass(embed=embed, reads=reads, writes=writes, final_hidden=final)
+
+
+@dataclass
+class LinearPass:
+    """Tensors of one linear forward (batch, n_pos, d_model); `embed` and `writes` are leaves."""
+
+    embed: torch.Tensor
+    reads: list[torch.Tensor]
+    writes: list[torch.Tensor]
+    final_hidden: torch.Tensor
