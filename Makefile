@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/tracer attribute --model fixture:gpt2 --transcoders fixture:gpt2-clt \
+	$(VENV)/bin/tracer fixture --family gpt2 --kind clt --out outputs/fixture
+	$(VENV)/bin/tracer attribute --model outputs/fixture/model --transcoders outputs/fixture/transcoders \
 		--prompt "the capital of the state containing Dallas is" --out outputs/demo.safetensors
 	$(VENV)/bin/tracer prune outputs/demo.safetensors --json outputs/demo.json
 	$(VENV)/bin/tracer score outputs/demo.safetensors

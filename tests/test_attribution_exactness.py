@@ -135,7 +135,11 @@ def test_logit_rows_sum_to_demeaned_logit(family):
     state = rm.run_prompt(graph.input_tokens)
     everything_off = [
         *(FeatureChange(*f, 0.0) for f in graph.active_features.tolist()),
-        *(ErrorChange(layer, pos, 0.0) for layer in range(rm.n_layers) for pos in range(state.n_pos)),
+        *(
+            ErrorChange(layer, pos, 0.0)
+            for layer in range(rm.n_layers)
+            for pos in range(state.n_pos)
+        ),
         *(TokenChange(pos, 0.0) for pos in range(state.n_pos)),
     ]
     off = direct_effect_run(rm, state, [everything_off])

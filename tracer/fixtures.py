@@ -131,3 +131,45 @@ def build_transcoders(
         model_name="fixture",
         source=f"fixture:{kind}",
     )
+
+
+FIXTURE_WORDS = (
+    "the capital of state containing city is a an and in on to was were it that this he she they "
+    "Dallas Austin Texas Houston Chicago Illinois Springfield Denver Colorado Miami Florida "
+    "Tallahassee when went gave store school book ball John Mary one two three four five six"
+).split()
+
+
+def build_tokenizer(words: tuple[str, ...] = FIXTURE_WORDS):
+    """A word-level fast tokenizer with BOS/EOS/PAD/UNK at ids 0-3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<bos>", "<eos>", "<pad>", "<unk>"]
+    vocab = {token: i for i, token in enumerate([*specials, *dict.fromkeys(words)])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def write_fixture(out, *, family: str = "gpt2", kind: str = "clt", seed: int = 0) -> dict:
+    """Write `out/model` (save_pretrained + tokenizer) and `out/transcoders` (upstream layout)."""
+    from pathlib import Path
+
+    from tracer.transcoder_files import save_transcoders
+
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    model = build_model(family, n_layers=4, d_model=64, vocab=len(tokenizer), seed=seed)
+    model_dir, ts_dir = out / "model", out / "transcoders"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    ts = build_transcoders(kind, n_layers=4, d_model=64, d_transcoder=128, seed=seed)
+    save_transcoders(ts, ts_dir)
+    return {"model": model_dir, "transcoders": ts_dir}

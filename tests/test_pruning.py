@@ -1,0 +1,527 @@
+"""Tests for tracer/pruning.py against independent brute-force references on tiny random DAGs.
+
+The references below use numpy and plain Python loops: influence by dynamic programming in
+topological order or by a matrix inverse, thresholds by a running sum, pruning by removing one
+node at a time, and scores by enumerating every path to the logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tracer.pruning import (
+    NodeLayout,
+    cumulative_threshold,
+    graph_scores,
+    node_influence,
+    normalize_rows,
+    propagate_influence,
+    prune,
+)
+
+# ---------------------------------------------------------------------------- random graphs
+
+
+def random_graph(
+    seed: int,
+    n_features: int = 14,
+    n_layers: int = 2,
+    n_pos: int = 3,
+    n_logits: int = 3,
+    density: float = 0.45,
+    source_feature_prob: float = 0.15,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, NodeLayout, torch.Tensor, list[int]]:
+    """A random DAG in the layout's node order: (A (N, N), layout, w (N,), topological order).
+
+    Errors and tokens have no inputs, logits no outputs, features are ordered by a random
+    permutation; some features have no inputs and some edges are negative.
+    """
+    g = torch.Generator().manual_seed(seed)
+    layout = NodeLayout(n_features, n_layers * n_pos, n_pos, n_logits)
+    n = layout.n_nodes
+    rank = torch.zeros(n)  # errors and tokens: rank 0, they are pure sources
+    rank[layout.feature_slice] = 1 + torch.randperm(n_features, generator=g).float()
+    rank[layout.logit_slice] = n_features + 1
+    allowed = rank[None, :] < rank[:, None]  # [target, source]: source earlier in the order
+    present = torch.rand(n, n, generator=g) < density
+    adjacency = torch.randn(n, n, generator=g, dtype=torch.float64) * (allowed & present)
+    inputless = torch.rand(n_features, generator=g) < source_feature_prob
+    adjacency[layout.feature_slice][inputless] = 0
+    for logit in range(layout.logit_slice.start, n):  # every logit reads something
+        if not adjacency[logit].any():
+            adjacency[logit, layout.token_slice.start] = 1.0
+    probs = torch.rand(n_logits, generator=g, dtype=torch.float64) + 0.05
+    weights = torch.zeros(n, dtype=torch.float64)
+    weights[layout.logit_slice] = 0.9 * probs / probs.sum()
+    order = sorted(range(n), key=lambda i: (float(rank[i]), i))
+    return adjacency.to(dtype), layout, weights.to(dtype), order
+
+
+def tokens_and_logits(layout: NodeLayout) -> set[int]:
+    return set(range(layout.token_slice.start, layout.n_nodes))
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def ref_normalize(adjacency: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(adjacency)
+    for r in range(adjacency.shape[0]):
+        total = sum(abs(x) for x in adjacency[r])
+        if total > 0:
+            out[r] = [abs(x) / total for x in adjacency[r]]
+    return out
+
+
+def ref_influence_dp(matrix: np.ndarray, weights: np.ndarray, order: list[int]) -> np.ndarray:
+    """Influence by dynamic programming: a node's influence is what its targets pass back."""
+    influence = np.zeros(len(weights))
+    for v in reversed(order):
+        influence[v] = sum(
+            (influence[t] + weights[t]) * matrix[t, v] for t in range(len(weights)) if matrix[t, v]
+        )
+    return influence
+
+
+def ref_threshold(values: list[float], fraction: float) -> float:
+    ordered = sorted(values, reverse=True)
+    total = 0.0
+    for v in ordered:
+        total += v
+    running = 0.0
+    for v in ordered:
+        running += v
+        if total > 0 and running / total >= fraction:
+            return v
+    return ordered[-1]
+
+
+def ref_prune(
+    adjacency: np.ndarray,
+    layout: NodeLayout,
+    weights: np.ndarray,
+    order: list[int],
+    node_threshold: float,
+    edge_threshold: float,
+) -> tuple[set[int], set[tuple[int, int]]]:
+    n = layout.n_nodes
+    features = set(range(layout.n_features))
+    errors = set(range(layout.error_slice.start, layout.error_slice.stop))
+    influence = ref_influence_dp(ref_normalize(adjacency), weights, order)
+    cut = ref_threshold(list(influence), node_threshold)
+    nodes = {i for i in range(n) if influence[i] >= cut} | tokens_and_logits(layout)
+
+    pruned = np.array(
+        [
+            [adjacency[t, s] if t in nodes and s in nodes else 0.0 for s in range(n)]
+            for t in range(n)
+        ]
+    )
+    normalized = ref_normalize(pruned)
+    pruned_influence = ref_influence_dp(normalized, weights, order)
+    score = {
+        (t, s): normalized[t, s] * (pruned_influence[t] + weights[t])
+        for t in range(n)
+        for s in range(n)
+        if normalized[t, s] * (pruned_influence[t] + weights[t]) > 0
+    }
+    edges: set[tuple[int, int]] = set()
+    if score:
+        edge_cut = ref_threshold(list(score.values()), edge_threshold)
+        edges = {e for e, v in score.items() if v >= edge_cut}
+
+    removed = True
+    while removed:  # one node at a time
+        removed = False
+        for v in sorted(nodes):
+            no_out = not any(s == v for _, s in edges)
+            no_in = not any(t == v for t, _ in edges)
+            if (v in features | errors and no_out) or (v in features and no_in):
+                nodes.discard(v)
+                edges = {(t, s) for t, s in edges if v not in (t, s)}
+                removed = True
+                break
+    return nodes, edges
+
+
+def ref_path_scores(
+    adjacency: np.ndarray,
+    layout: NodeLayout,
+    weights: np.ndarray,
+    node_mask: np.ndarray,
+    edge_mask: np.ndarray,
+) -> tuple[float, float]:
+    """Scores by enumerating every maximal path from each kept logit down to a source node.
+
+    A path ending at a token (error) with all edges kept adds its weight to tok (err); a path
+    that leaves the kept edges somewhere adds its weight to the dropped mass, counted as error.
+    """
+    n = layout.n_nodes
+    normalized = ref_normalize(adjacency)
+    tokens = range(layout.token_slice.start, layout.token_slice.stop)
+    errors = range(layout.error_slice.start, layout.error_slice.stop)
+
+    def is_kept(t: int, s: int) -> bool:
+        return bool(node_mask[t] and node_mask[s] and edge_mask[t, s])
+
+    totals = {"token": 0.0, "error": 0.0, "dropped": 0.0}
+    reach = np.zeros(n)  # mass of kept paths arriving at each node (inf_K + w)
+
+    def walk(v: int, mass: float, inside: bool) -> None:
+        if inside:
+            reach[v] += mass
+        inputs = [s for s in range(n) if normalized[v, s] != 0]
+        if not inputs:
+            if not inside:
+                totals["dropped"] += mass
+            elif v in tokens:
+                totals["token"] += mass
+            elif v in errors:
+                totals["error"] += mass
+            return
+        for s in inputs:
+            walk(s, mass * normalized[v, s], inside and is_kept(v, s))
+
+    for logit in range(layout.logit_slice.start, n):
+        if node_mask[logit] and weights[logit] > 0:
+            walk(logit, weights[logit], True)
+
+    replacement = totals["token"] / (totals["token"] + totals["error"] + totals["dropped"])
+    numerator = denominator = 0.0
+    for r in range(n):
+        if not node_mask[r]:
+            continue
+        if normalized[r].any():
+            share = sum(
+                normalized[r, s] for s in range(n) if is_kept(r, s) and s not in errors
+            )  # kept non-error inputs
+        else:
+            share = 1.0  # a source node is complete by definition
+        numerator += share * reach[r]
+        denominator += reach[r]
+    return replacement, numerator / denominator
+
+
+def ref_full_scores(adjacency: np.ndarray, layout: NodeLayout, weights: np.ndarray):
+    """Full-graph scores with the influence from a matrix inverse: w @ ((I - B)^-1 - I)."""
+    normalized = ref_normalize(adjacency)
+    n = layout.n_nodes
+    influence = weights @ (np.linalg.inv(np.eye(n) - normalized) - np.eye(n))
+    token = influence[layout.token_slice].sum()
+    error = influence[layout.error_slice].sum()
+    share = 1 - normalized[:, layout.error_slice].sum(axis=1)
+    reach = influence + weights
+    return token / (token + error), float((share * reach).sum() / reach.sum())
+
+
+def random_masks(seed: int, layout: NodeLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = layout.n_nodes
+    node_mask = torch.rand(n, generator=g) < 0.7
+    node_mask[layout.token_slice.start :] = True
+    edge_mask = torch.rand(n, n, generator=g) < 0.7
+    return node_mask, edge_mask
+
+
+# ---------------------------------------------------------------------------- layout, normalise
+
+
+def test_layout_slices_partition_nodes_in_order():
+    layout = NodeLayout(n_features=5, n_errors=6, n_tokens=3, n_logits=2)
+    parts = [layout.feature_slice, layout.error_slice, layout.token_slice, layout.logit_slice]
+    indices = [i for part in parts for i in range(layout.n_nodes)[part]]
+    assert indices == list(range(16)) and layout.n_nodes == 16
+    assert [len(range(16)[p]) for p in parts] == [5, 6, 3, 2]
+    with pytest.raises(ValueError, match="n_tokens must be a non-negative int"):
+        NodeLayout(1, 1, -1, 1)
+
+
+def test_normalize_rows_matches_loop_and_keeps_zero_rows():
+    adjacency, *_ = random_graph(0)
+    normalized = normalize_rows(adjacency)
+    np.testing.assert_allclose(normalized.numpy(), ref_normalize(adjacency.numpy()), atol=1e-15)
+    zero_rows = ~adjacency.any(dim=1)
+    assert zero_rows.any() and (~zero_rows).any()
+    assert (normalized[zero_rows] == 0).all()
+    torch.testing.assert_close(
+        normalized[~zero_rows].sum(dim=1), torch.ones(int((~zero_rows).sum())).double()
+    )
+
+
+# ---------------------------------------------------------------------------- influence
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_influence_equals_inverse_series(seed):
+    adjacency, _, weights, _ = random_graph(seed)
+    normalized = ref_normalize(adjacency.numpy())
+    identity = torch.eye(len(weights), dtype=torch.float64)
+    resolvent = torch.linalg.solve(identity - torch.from_numpy(normalized), identity)
+    expected = weights @ (resolvent - identity)
+    got = node_influence(adjacency, weights)
+    assert expected.abs().max() > 0.1  # the comparison is not trivially between zeros
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_influence_float32_close_to_float64():
+    adjacency, _, weights, _ = random_graph(3)
+    got = node_influence(adjacency.float(), weights.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(
+        got.double(), node_influence(adjacency, weights), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_propagate_influence_on_a_chain_by_hand():
+    # node 2 reads 0.25 from node 1 and 0.75 from node 0; node 1 reads all from node 0
+    normalized = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.75, 0.25, 0.0]])
+    got = propagate_influence(normalized, torch.tensor([0.0, 0.0, 2.0]))
+    torch.testing.assert_close(got, torch.tensor([2 * (0.75 + 0.25), 2 * 0.25, 0.0]))
+    # a cycle that no weighted node reaches does not change any influence
+    with_cycle = torch.zeros(5, 5)
+    with_cycle[:3, :3] = normalized
+    with_cycle[3, 4] = with_cycle[4, 3] = 1.0
+    got = propagate_influence(with_cycle, torch.tensor([0.0, 0.0, 2.0, 0.0, 0.0]))
+    torch.testing.assert_close(got, torch.tensor([2.0, 0.5, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"weights must have shape \(3,\)"):
+        propagate_influence(normalized, torch.ones(4))
+
+
+def test_cycle_raises_clear_error():
+    adjacency, layout, weights, _ = random_graph(4)
+    a, b = 0, 1  # two features feeding each other, and a logit reading one of them
+    adjacency[a, b] = adjacency[b, a] = 1.0
+    adjacency[layout.logit_slice.start, a] = 1.0
+    with pytest.raises(ValueError, match="cycle"):
+        node_influence(adjacency, weights)
+    with pytest.raises(ValueError, match="cycle"):
+        prune(adjacency, layout, weights)
+
+
+# ---------------------------------------------------------------------------- thresholds
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.8, 0.98, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cumulative_threshold_matches_loop(fraction, dtype):
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(300, generator=g, dtype=torch.float64).to(dtype) ** 3
+    scores[::7] = 0  # zeros, as nodes that do not reach the logits
+    scores[1::11] = scores[2]  # ties
+    expected = ref_threshold([float(v) for v in scores], fraction)
+    assert cumulative_threshold(scores, fraction) == expected
+    kept = scores[scores >= expected].double().sum() / scores.double().sum()
+    assert kept >= fraction - 1e-12
+
+
+def test_cumulative_threshold_chunks_continue_the_running_sum(monkeypatch):
+    import tracer.pruning as pruning
+
+    monkeypatch.setattr(pruning, "_CUMSUM_CHUNK", 16)
+    g = torch.Generator().manual_seed(6)
+    scores = torch.rand(200, generator=g) ** 2
+    for fraction in (0.0, 0.3, 0.77, 1.0):
+        assert cumulative_threshold(scores, fraction) == ref_threshold(scores.tolist(), fraction)
+
+
+def test_cumulative_threshold_edge_cases():
+    assert cumulative_threshold(torch.zeros(4), 0.5) == 0.0
+    assert cumulative_threshold(torch.tensor([3.0, 1.0, 0.0]), 1.0) == 1.0
+    assert cumulative_threshold(torch.tensor([3.0, 1.0, 0.0]), 0.0) == 3.0
+    with pytest.raises(ValueError, match="non-negative"):
+        cumulative_threshold(torch.tensor([1.0, -0.5]), 0.5)
+    with pytest.raises(ValueError, match="empty"):
+        cumulative_threshold(torch.zeros(0), 0.5)
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\], got 2"):
+        cumulative_threshold(torch.ones(3), 2)
+
+
+# ---------------------------------------------------------------------------- pruning
+
+
+def as_sets(result) -> tuple[set[int], set[tuple[int, int]]]:
+    nodes = set(torch.nonzero(result.node_mask).flatten().tolist())
+    edges = {tuple(e) for e in torch.nonzero(result.edge_mask).tolist()}
+    return nodes, edges
+
+
+@pytest.mark.parametrize(
+    ("seed", "node_threshold", "edge_threshold"),
+    [
+        (10, 0.8, 0.98),
+        (11, 0.8, 0.98),
+        (12, 0.5, 0.9),
+        (13, 0.95, 0.7),
+        (14, 1.0, 1.0),
+        (15, 0.0, 0.0),
+        (16, 1.0, 0.5),
+        (17, 0.6, 1.0),
+    ],
+)
+def test_prune_matches_reference(seed, node_threshold, edge_threshold):
+    adjacency, layout, weights, order = random_graph(seed)
+    before = adjacency.clone()
+    result = prune(adjacency, layout, weights, node_threshold, edge_threshold)
+    assert torch.equal(adjacency, before)  # the input is not modified
+
+    nodes, edges = as_sets(result)
+    ref_nodes, ref_edges = ref_prune(
+        adjacency.numpy(), layout, weights.numpy(), order, node_threshold, edge_threshold
+    )
+    assert nodes == ref_nodes
+    assert edges == ref_edges
+    assert tokens_and_logits(layout) <= nodes
+    assert all(t in nodes and s in nodes and adjacency[t, s] != 0 for t, s in edges)
+    for f in range(layout.n_features):
+        if f in nodes:
+            assert any(s == f for _, s in edges) and any(t == f for t, _ in edges)
+    for e in range(layout.error_slice.start, layout.error_slice.stop):
+        if e in nodes:
+            assert any(s == e for _, s in edges)
+    torch.testing.assert_close(result.node_influence, node_influence(adjacency, weights))
+
+
+def test_prune_thresholds_change_the_result():
+    adjacency, layout, weights, _ = random_graph(18, n_features=20)
+    loose = as_sets(prune(adjacency, layout, weights, 1.0, 1.0))
+    default = as_sets(prune(adjacency, layout, weights))
+    tight = as_sets(prune(adjacency, layout, weights, 0.3, 0.5))
+    assert len(tight[0]) < len(default[0]) < len(loose[0])
+    assert tight[0] <= default[0] <= loose[0]
+
+
+def test_prune_float32_matches_reference():
+    adjacency, layout, weights, order = random_graph(19, dtype=torch.float32)
+    result = prune(adjacency, layout, weights)
+    assert result.node_mask.dtype == torch.bool and result.edge_mask.shape == adjacency.shape
+    expected = ref_prune(
+        adjacency.double().numpy(), layout, weights.double().numpy(), order, 0.8, 0.98
+    )
+    assert as_sets(result) == expected
+
+
+@pytest.mark.parametrize(("name", "value"), [("node_threshold", 1.5), ("edge_threshold", -0.1)])
+def test_prune_rejects_threshold_outside_unit_interval(name, value):
+    adjacency, layout, weights, _ = random_graph(0)
+    with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\], got {value}"):
+        prune(adjacency, layout, weights, **{name: value})
+    with pytest.raises(ValueError, match=f"{name} must be in"):
+        prune(adjacency, layout, weights, **{name: math.nan})
+
+
+def test_prune_rejects_shape_mismatch():
+    adjacency, layout, weights, _ = random_graph(0)
+    with pytest.raises(ValueError, match="layout has"):
+        prune(adjacency[:-1, :-1], layout, weights[:-1])
+    with pytest.raises(ValueError, match="logit_weights must have shape"):
+        prune(adjacency, layout, weights[:-1])
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+@pytest.mark.parametrize("seed", [20, 21, 22])
+def test_full_scores_match_inverse(seed):
+    adjacency, layout, weights, _ = random_graph(seed)
+    scores = graph_scores(adjacency, layout, weights)
+    replacement, completeness = ref_full_scores(adjacency.numpy(), layout, weights.numpy())
+    assert 0 < scores.replacement < 1 and 0 < scores.completeness < 1
+    assert scores.replacement == pytest.approx(replacement, rel=1e-12)
+    assert scores.completeness == pytest.approx(completeness, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_true_masks_equal_full_scores_exactly(dtype):
+    adjacency, layout, weights, _ = random_graph(23, dtype=dtype)
+    n = layout.n_nodes
+    full = graph_scores(adjacency, layout, weights)
+    all_nodes = torch.ones(n, dtype=torch.bool)
+    all_edges = torch.ones(n, n, dtype=torch.bool)
+    assert graph_scores(adjacency, layout, weights, all_nodes, all_edges) == full
+    assert graph_scores(adjacency, layout, weights, node_mask=all_nodes) == full
+    assert graph_scores(adjacency, layout, weights, edge_mask=all_edges) == full
+
+
+@pytest.mark.parametrize("seed", [30, 31, 32, 33])
+def test_subgraph_scores_match_path_enumeration(seed):
+    adjacency, layout, weights, _ = random_graph(
+        seed, n_features=4, n_layers=1, n_pos=2, n_logits=2, density=0.6
+    )
+    a, w = adjacency.numpy(), weights.numpy()
+    n = layout.n_nodes
+    everything = (np.ones(n, dtype=bool), np.ones((n, n), dtype=bool))
+    node_mask, edge_mask = random_masks(seed, layout)
+    no_logit = node_mask.clone()
+    no_logit[layout.logit_slice.start] = False
+    pruned = prune(adjacency, layout, weights, 0.7, 0.8)
+    cases = [
+        (everything, graph_scores(adjacency, layout, weights)),
+        (
+            (node_mask.numpy(), edge_mask.numpy()),
+            graph_scores(adjacency, layout, weights, node_mask, edge_mask),
+        ),
+        (
+            (node_mask.numpy(), everything[1]),
+            graph_scores(adjacency, layout, weights, node_mask=node_mask),
+        ),
+        (
+            (pruned.node_mask.numpy(), pruned.edge_mask.numpy()),
+            graph_scores(adjacency, layout, weights, pruned.node_mask, pruned.edge_mask),
+        ),
+        (  # a logit left out of the subgraph: its weight reaches nothing
+            (no_logit.numpy(), edge_mask.numpy()),
+            graph_scores(adjacency, layout, weights, no_logit, edge_mask),
+        ),
+    ]
+    for (nodes, edges), got in cases:
+        replacement, completeness = ref_path_scores(a, layout, w, nodes, edges)
+        assert got.replacement == pytest.approx(replacement, rel=1e-12)
+        assert got.completeness == pytest.approx(completeness, rel=1e-12)
+        assert 0 <= got.replacement <= 1 and 0 <= got.completeness <= 1
+    # dropped mass joins the error: replacement can only go down (completeness is reweighted)
+    assert cases[1][1].replacement <= cases[0][1].replacement
+
+
+def test_full_scores_match_path_enumeration():
+    adjacency, layout, weights, _ = random_graph(34, n_features=5, n_layers=1, n_pos=2)
+    n = layout.n_nodes
+    scores = graph_scores(adjacency, layout, weights)
+    everything = (np.ones(n, dtype=bool), np.ones((n, n), dtype=bool))
+    replacement, completeness = ref_path_scores(
+        adjacency.numpy(), layout, weights.numpy(), *everything
+    )
+    assert scores.replacement == pytest.approx(replacement, rel=1e-12)
+    assert scores.completeness == pytest.approx(completeness, rel=1e-12)
+
+
+def test_scores_are_one_without_errors():
+    adjacency, layout, weights, _ = random_graph(35)
+    adjacency[:, layout.error_slice] = 0
+    full = graph_scores(adjacency, layout, weights)
+    assert full.replacement == pytest.approx(1.0, abs=1e-15)
+    assert full.completeness == pytest.approx(1.0, abs=1e-15)
+    with_errors = graph_scores(random_graph(35)[0], layout, weights)
+    assert with_errors.replacement < 1 and with_errors.completeness < 1
+
+
+def test_pruned_replacement_does_not_exceed_full():
+    adjacency, layout, weights, _ = random_graph(36, n_features=20)
+    result = prune(adjacency, layout, weights)
+    full = graph_scores(adjacency, layout, weights)
+    pruned = graph_scores(adjacency, layout, weights, result.node_mask, result.edge_mask)
+    assert 0 < pruned.replacement <= full.replacement
+    assert 0 < pruned.completeness <= 1
+
+
+def test_scores_reject_bad_masks():
+    adjacency, layout, weights, _ = random_graph(0)
+    n = layout.n_nodes
+    with pytest.raises(ValueError, match="node_mask must be a bool tensor"):
+        graph_scores(adjacency, layout, weights, node_mask=torch.ones(n))
+    with pytest.raises(ValueError, match="edge_mask must be a bool tensor"):
+        graph_scores(adjacency, layout, weights, edge_mask=torch.ones(n, dtype=torch.bool))
