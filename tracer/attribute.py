@@ -9,8 +9,7 @@ Phases, each a function below:
 5. `RowComputer.rows`: inject each target's read vector as the gradient at its read point, one
    backward per batch of targets; contract gradients with every source's write vector.
 6. `explore_features`: rows for the logits, then for features in order of their current estimated
-   influence on the logits, until `max_feature_nodes`.
-7. `assemble_graph`: the adjacency in node order
+   influence on the logits, until `max_feature_nodes`, written into the adjacency in node order
    `[selected features | errors (layer-major) | tokens | logits]`, rows targets, columns sources.
 """
 
@@ -24,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tracer.graph import Graph, LogitTarget
+from tracer.memory import return_freed_memory
 from tracer.replacement import LinearPass, PromptState, ReplacementModel
 
 ELEMENT_BUDGET = 1 << 22  # elements per temporary (batch, chunk, d_model) gather in contractions
@@ -100,6 +100,11 @@ def _token_id(model: ReplacementModel, target: int | str) -> int:
     ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"target {target!r} is {len(ids)} tokens; a logit target must be one")
+    unk = model.tokenizer.unk_token_id
+    if ids[0] == unk and target != model.tokenizer.unk_token:
+        raise ValueError(
+            f"target {target!r} is not in the vocabulary (it maps to the unknown token)"
+        )
     return ids[0]
 
 
@@ -160,8 +165,8 @@ class RowComputer:
         self.linear: LinearPass = model.linear_forward(state, batch)
         self.n_backward = 0
 
-    def rows(self, targets: list[Target]) -> torch.Tensor:
-        """(len(targets), n_columns) float32, at most `batch` targets."""
+    def rows(self, targets: list[Target], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows (len(targets), n_columns) for at most `batch` targets, added into `out`."""
         assert 0 < len(targets) <= self.batch
         lp, shape = self.linear, self.linear.embed.shape
         injections: dict[int | None, torch.Tensor] = {}
@@ -179,13 +184,18 @@ class RowComputer:
         )
         self.n_backward += 1
         n = len(targets)
-        return self._contract(grads[0], grads[1:], n)
+        if out is None:
+            out = torch.zeros(n, self.sources.n_columns, dtype=self.sources.tokens.dtype)
+        self._contract(grads[0], grads[1:], out)
+        return out
 
     def _contract(
-        self, grad_embed: torch.Tensor | None, grad_writes: Sequence[torch.Tensor | None], n: int
-    ) -> torch.Tensor:
-        src = self.sources
-        out = torch.zeros(n, src.n_columns, dtype=src.tokens.dtype)
+        self,
+        grad_embed: torch.Tensor | None,
+        grad_writes: Sequence[torch.Tensor | None],
+        out: torch.Tensor,
+    ) -> None:
+        src, n = self.sources, out.shape[0]
         n_layers = len(grad_writes)
         error_cols = out[:, src.n_active : src.n_active + n_layers * self.n_pos]
         error_cols = error_cols.view(n, n_layers, self.n_pos)
@@ -203,7 +213,6 @@ class RowComputer:
         if grad_embed is not None:
             token_cols = out[:, src.n_columns - self.n_pos :]
             token_cols += torch.einsum("bpd,pd->bp", grad_embed[:n].to(out.dtype), src.tokens)
-        return out
 
 
 def _feature_targets(model: ReplacementModel, sources: Sources, idx: torch.Tensor) -> list[Target]:
@@ -260,69 +269,75 @@ def explore_features(
     max_feature_nodes: int | None,
     update_interval: int = 4,
     progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows for the logits, then for features (all, or the most influential first).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows for the logits, then for features (all, or the most influential first); the graph.
 
-    Returns (logit rows (k, n_columns), visited feature indices (m,), their rows (m, n_columns)).
+    Returns (selected feature indices, ascending; adjacency (N, N) in node order). With every
+    active feature selected, rows are written straight into the adjacency (one N x N matrix).
     """
     batch, model = computer.batch, computer.model
-    logit_rows = torch.cat(
-        [
-            computer.rows([Target(None, n_pos - 1, v) for v in logit_vectors[i : i + batch]])
-            for i in range(0, len(logit_targets), batch)
-        ]
-    )
-    n_active = sources.n_active
+    n_active, n_columns, k = sources.n_active, sources.n_columns, len(logit_targets)
     budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
-    feature_rows = torch.zeros(budget, sources.n_columns, dtype=logit_rows.dtype)
+    greedy = budget < n_active
+    dtype = sources.tokens.dtype
+    if greedy:  # rows over all active features' columns, compacted at the end
+        rows = torch.zeros(budget + k, n_columns, dtype=dtype)
+        feature_rows, logit_rows = rows[:budget], rows[budget:]
+    else:
+        adjacency = torch.zeros(n_columns + k, n_columns + k, dtype=dtype)
+        feature_rows, logit_rows = (
+            adjacency[:n_active, :n_columns],
+            adjacency[n_columns:, :n_columns],
+        )
+    for i in range(0, k, batch):
+        targets = [Target(None, n_pos - 1, v) for v in logit_vectors[i : i + batch]]
+        computer.rows(targets, out=logit_rows[i : i + len(targets)])
     visited = torch.zeros(budget, dtype=torch.long)
     seen = torch.zeros(n_active, dtype=torch.bool)
-    weights = torch.tensor([t.probability for t in logit_targets], dtype=logit_rows.dtype)
-    logit_nodes = torch.arange(len(logit_targets)) + sources.n_columns
-    greedy = budget < n_active
-    queue = torch.arange(n_active)
-    done = 0
+    weights = torch.tensor([t.probability for t in logit_targets], dtype=dtype)
+    logit_nodes = torch.arange(k) + n_columns
+    queue, queue_start, done = torch.arange(n_active), 0, 0
     bar = tqdm(total=budget, desc="feature rows", unit="row", disable=not progress, leave=False)
     while done < budget:
         if greedy and (done // batch) % update_interval == 0:
             influence = _influence_on_logits(
                 torch.cat([logit_rows, feature_rows[:done]]),
                 torch.cat([logit_nodes, visited[:done]]),
-                torch.cat([weights, torch.zeros(done, dtype=weights.dtype)]),
-                sources.n_columns,
+                torch.cat([weights, torch.zeros(done, dtype=dtype)]),
+                n_columns,
             )[:n_active]
             influence[seen] = -1.0
-            queue = influence.argsort(descending=True)[: budget - done]
-            queue_start = done
-        take = queue[done - (queue_start if greedy else 0) :][: min(batch, budget - done)]
-        feature_rows[done : done + len(take)] = computer.rows(
-            _feature_targets(model, sources, take)
+            queue, queue_start = influence.argsort(descending=True)[: budget - done], done
+        take = queue[done - queue_start :][: min(batch, budget - done)]
+        computer.rows(
+            _feature_targets(model, sources, take), out=feature_rows[done : done + len(take)]
         )
         visited[done : done + len(take)] = take
         seen[take] = True
         done += len(take)
         bar.update(len(take))
     bar.close()
-    return logit_rows, visited, feature_rows
+    if not greedy:
+        return visited, adjacency
+    return _compact(visited, feature_rows, logit_rows, n_active, n_columns)
 
 
-def assemble_graph(
-    sources: Sources,
-    logit_rows: torch.Tensor,
+def _compact(
     visited: torch.Tensor,
     feature_rows: torch.Tensor,
-    n_layers: int,
-    n_pos: int,
+    logit_rows: torch.Tensor,
+    n_active: int,
+    n_columns: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(selected feature indices sorted, adjacency (N, N)) in node order."""
+    """Keep only the visited features' rows and columns, in (layer, pos, feature) order."""
     selected, order = visited.sort()
-    n_sel, n_logits = selected.shape[0], logit_rows.shape[0]
-    n_err = n_layers * n_pos
-    n = n_sel + n_err + n_pos + n_logits
-    columns = torch.cat([selected, torch.arange(sources.n_active, sources.n_columns)])
-    adjacency = torch.zeros(n, n, dtype=logit_rows.dtype)
-    adjacency[:n_sel, : n_sel + n_err + n_pos] = feature_rows[order][:, columns]
-    adjacency[n - n_logits :, : n_sel + n_err + n_pos] = logit_rows[:, columns]
+    n_sel, k = selected.shape[0], logit_rows.shape[0]
+    n_other = n_columns - n_active  # errors and tokens
+    n = n_sel + n_other + k
+    columns = torch.cat([selected, torch.arange(n_active, n_columns)])
+    adjacency = torch.zeros(n, n, dtype=feature_rows.dtype)
+    adjacency[:n_sel, : n_sel + n_other] = feature_rows[order][:, columns]
+    adjacency[n - k :, : n_sel + n_other] = logit_rows[:, columns]
     return selected, adjacency
 
 
@@ -346,6 +361,7 @@ def attribute(
         raise ValueError(
             f"max_feature_nodes must be >= 1 (or None for all), got {max_feature_nodes}"
         )
+    return_freed_memory()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -370,7 +386,7 @@ def attribute(
     computer = RowComputer(model, state, sources, batch)
     lap("linear_forward")
     logit_vectors = _logit_read_vectors(model, logit_targets)
-    logit_rows, visited, feature_rows = explore_features(
+    selected, adjacency = explore_features(
         computer,
         sources,
         logit_targets,
@@ -384,10 +400,6 @@ def attribute(
     del computer
     if offload:
         model.transcoders.offload()
-    selected, adjacency = assemble_graph(
-        sources, logit_rows, visited, feature_rows, model.n_layers, state.n_pos
-    )
-    lap("assemble")
     prompt_text = prompt if isinstance(prompt, str) else None
     return Graph(
         adjacency_matrix=adjacency,
@@ -403,7 +415,7 @@ def attribute(
             "model_revision": model.model_revision,
             "transcoder_set": model.transcoders.source,
             "transcoder_revision": model.transcoders.revision,
-            "scan": model.transcoders.model_name,
+            "scan": model.transcoders.scan or model.transcoders.model_name,
             "family": model.family.name,
             "dtype": str(model.dtype).removeprefix("torch."),
             "config": {

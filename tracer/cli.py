@@ -12,7 +12,10 @@ from tracer.graph import Graph
 
 def _fraction(name: str):
     def parse(text: str) -> float:
-        value = float(text)
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text!r}") from None
         if not 0 <= value <= 1:
             raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {value}")
         return value
@@ -22,7 +25,10 @@ def _fraction(name: str):
 
 def _positive(name: str):
     def parse(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
         return value
@@ -102,12 +108,36 @@ def _attribute(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
-def _tokenizer(name: str | None):
-    if name is None:
-        return None
+def _tokenizer(explicit: str | None, graph: Graph):
+    """The tokenizer that labels the viewer's tokens, or None to label them by id.
+
+    An explicit `--tokenizer` must load. Otherwise the graph's model is tried from local files
+    only (its folder, or the hub cache): a graph outlives the folder it was computed from, and
+    its model id may be no hub id at all (a model built in memory), so labels by id are the
+    fallback, announced on stderr.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    if explicit is not None:
+        try:
+            return AutoTokenizer.from_pretrained(explicit)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot load the tokenizer {explicit!r}: {err}") from err
+    model_id = graph.metadata.get("model_id")
+    try:
+        if not model_id:
+            raise ValueError("the graph names no model")
+        return AutoTokenizer.from_pretrained(
+            model_id, revision=graph.metadata.get("model_revision"), local_files_only=True
+        )
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(
+            f"tracer prune: note: no local tokenizer for the graph's model {model_id!r} "
+            f"({reason}); tokens are labelled by id (pass --tokenizer to name one)",
+            file=sys.stderr,
+        )
+        return None
 
 
 def _prune(args: argparse.Namespace) -> None:
@@ -119,7 +149,7 @@ def _prune(args: argparse.Namespace) -> None:
         graph,
         result,
         slug=args.graph.stem,
-        tokenizer=_tokenizer(args.tokenizer or graph.metadata.get("model_id")),
+        tokenizer=_tokenizer(args.tokenizer, graph),
         node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold,
     )
@@ -173,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         handlers[args.command](args)
-    except (ValueError, FileNotFoundError, IndexError) as err:
+    except (ValueError, OSError, IndexError) as err:  # OSError: missing files, also of transformers
         print(f"tracer {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -173,3 +173,22 @@ def write_fixture(out, *, family: str = "gpt2", kind: str = "clt", seed: int = 0
     ts = build_transcoders(kind, n_layers=4, d_model=64, d_transcoder=128, seed=seed)
     save_transcoders(ts, ts_dir)
     return {"model": model_dir, "transcoders": ts_dir}
+
+
+@torch.no_grad()
+def calibrate_sparsity(model, transcoders: TranscoderSet, sample_ids: torch.Tensor, density: float):
+    """Turn a random set into a sparse JumpReLU set: per-feature thresholds at the (1 - density)
+    quantile of its pre-activations on `sample_ids` (batch, n_pos), as trained sets are sparse.
+
+    `model` is a `tracer.replacement.ReplacementModel` wrapping the set.
+    """
+    if transcoders.activation != "jumprelu":
+        raise ValueError("calibrate_sparsity needs a jumprelu set")
+    reads: dict[int, list[torch.Tensor]] = {i: [] for i in range(transcoders.n_layers)}
+    for ids in sample_ids:
+        state = model.run_prompt(ids, zero_bos=False)
+        for i, read in enumerate(state.reads):
+            reads[i].append(read[1:])
+    for i in range(transcoders.n_layers):
+        pre = transcoders.pre_activations(i, torch.cat(reads[i]))
+        transcoders.layer(i).threshold = pre.float().quantile(1 - density, dim=0).to(pre.dtype)

@@ -3,20 +3,23 @@
 Modes per component:
 - "off":    the model runs as usual (our recomputed norms are value-identical up to rounding);
 - "detach": values as usual, but no gradient flows through the pattern or the norm scale
-            (attribution: the residual stream becomes linear in its sources);
-- "record": values as usual, and the query/key tensors and norm scales of this prompt are stored;
-- "replay": the stored query/key tensors and norm scales are used whatever the input is
-            (direct-effect interventions: the frozen model run forward).
+            (the residual stream becomes linear in its sources);
+- "record": values as usual, and the attention patterns and norm scales of this prompt are stored;
+- "replay": the stored patterns and norm scales are used whatever the input is (attribution's
+            linear pass and direct-effect interventions: the frozen model run forward).
 
-Attention goes through a function registered with transformers' `AttentionInterface` that calls the
-model's own implementation with query and key swapped or detached: the pattern depends only on
-them, so RoPE, grouped-query attention, q/k norms, soft-caps and sliding windows stay the family's own.
-The matching mask function is registered under the same name, or the model would silently run with
-no causal mask. Norms are frozen by forward hooks that recompute the output with the scale frozen.
+Attention goes through a function registered with transformers' `AttentionInterface`. The pattern
+is read off the family's *own* implementation by passing it an identity matrix as the values
+(output = pattern @ I), so RoPE, grouped-query attention, q/k norms, soft-caps and sliding windows
+stay the family's own; the frozen output is then `pattern @ values`, which saves for backward only
+the (heads, n_pos, n_pos) pattern instead of the family kernel's batch-sized buffers. The matching
+mask function is registered under the same name, or the model would silently run with no causal
+mask. Norms are frozen by replacing their forward with one whose scale is frozen.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -38,29 +41,50 @@ _ATTENTION_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class _AttentionState:
     inner: object  # the family's own attention function
     mode: str = "off"
-    query: torch.Tensor | None = None  # (1, heads, n_pos, head_dim) recorded
-    key: torch.Tensor | None = None
+    pattern: torch.Tensor | None = None  # (1, heads, n_pos, n_pos) recorded
 
 
 @dataclass
 class _NormState:
     style: str
+    original: object  # the module's own forward
     mode: str = "off"
-    scale: torch.Tensor | None = None  # (1, n_pos, 1) recorded 1/denominator, float32
+    scale: torch.Tensor | None = None  # (1, n_pos, 1) recorded 1/denominator
+
+
+@torch.no_grad()
+def _pattern(state: _AttentionState, module, query, key, attention_mask, kwargs) -> torch.Tensor:
+    """(batch, heads, q_len, k_len) softmax pattern computed by the family's own function."""
+    batch, kv_heads, k_len = key.shape[0], key.shape[1], key.shape[2]
+    eye = torch.eye(k_len, dtype=query.dtype).expand(batch, kv_heads, k_len, k_len)
+    out, _ = state.inner(module, query, key, eye, attention_mask, **kwargs)
+    return out.transpose(1, 2)  # (batch, q_len, heads, k_len) -> (batch, heads, q_len, k_len)
+
+
+def _apply_pattern(pattern: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """pattern (1 or B, heads, q, k) @ values (B, kv_heads, k, d) -> (B, q, heads, d)."""
+    groups = pattern.shape[1] // value.shape[1]
+    if groups > 1:
+        value = value.repeat_interleave(groups, dim=1)
+    if pattern.shape[0] == 1:
+        return torch.einsum("hqk,bhkd->bqhd", pattern[0].to(value.dtype), value)
+    return torch.einsum("bhqk,bhkd->bqhd", pattern.to(value.dtype), value)
 
 
 def _frozen_attention(module, query, key, value, attention_mask, **kwargs):
     state = _ATTENTION_STATE[module]
+    if state.mode == "off":
+        return state.inner(module, query, key, value, attention_mask, **kwargs)
+    if state.mode == "record":
+        state.pattern = _pattern(state, module, query, key, attention_mask, kwargs)
+        return state.inner(module, query, key, value, attention_mask, **kwargs)
     if state.mode == "detach":
-        query, key = query.detach(), key.detach()
-    elif state.mode == "record":
-        state.query, state.key = query.detach(), key.detach()
-    elif state.mode == "replay":
-        if state.query is None or state.query.shape[-2] != query.shape[-2]:
+        pattern = _pattern(state, module, query, key, attention_mask, kwargs)
+    else:
+        pattern = state.pattern
+        if pattern is None or pattern.shape[-1] != key.shape[-2]:
             raise RuntimeError("attention replay needs a recorded prompt of the same length")
-        query = state.query.expand(query.shape[0], -1, -1, -1).to(query.dtype)
-        key = state.key.expand(key.shape[0], -1, -1, -1).to(key.dtype)
-    return state.inner(module, query, key, value, attention_mask, **kwargs)
+    return _apply_pattern(pattern, value), None
 
 
 def _implementation_name(original: str) -> str:
@@ -71,26 +95,32 @@ def _implementation_name(original: str) -> str:
     return name
 
 
-def _norm_output(module: torch.nn.Module, x: torch.Tensor, state: _NormState) -> torch.Tensor:
-    """The norm's output with its scale frozen per `state.mode`, in the input's dtype."""
+def _frozen_norm_forward(
+    module: torch.nn.Module, state: _NormState, x: torch.Tensor
+) -> torch.Tensor:
+    """The norm's output with its scale frozen per `state.mode`, in the input's dtype.
+
+    Replaces the module's forward (not a hook), so the original computation never runs and
+    nothing batch-sized is kept for the backward pass but what the frozen formula needs.
+    """
+    if state.mode == "off":
+        return state.original(x)
     eps = getattr(module, "eps", None)
     if eps is None:
         eps = module.variance_epsilon
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     if state.style == "layernorm":
         xf = xf - xf.mean(-1, keepdim=True)
-        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    else:
-        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if state.mode == "detach":
-        scale = scale.detach()
-    elif state.mode == "record":
-        state.scale = scale.detach()
-    elif state.mode == "replay":
+    if state.mode == "replay":
         if state.scale is None or state.scale.shape[-2] != x.shape[-2]:
             raise RuntimeError("norm replay needs a recorded prompt of the same length")
         scale = state.scale
-    normed = xf * scale
+    else:
+        with torch.no_grad():
+            scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        if state.mode == "record":
+            state.scale = scale
+    normed = xf * scale.to(xf.dtype)
     if state.style == "layernorm":
         out = normed * module.weight.to(xf.dtype)
         if module.bias is not None:
@@ -109,7 +139,6 @@ class Freezer:
     model: torch.nn.Module  # the *ForCausalLM model
     _attention: list[_AttentionState] = field(default_factory=list)
     _norms: list[_NormState] = field(default_factory=list)
-    _handles: list = field(default_factory=list)
 
     @classmethod
     def install(cls, model: torch.nn.Module, family: Family) -> Freezer:
@@ -136,10 +165,9 @@ class Freezer:
         return freezer
 
     def _hook_norm(self, module: torch.nn.Module) -> None:
-        state = _NormState(style=self.family.norm_style)
+        state = _NormState(style=self.family.norm_style, original=module.forward)
         self._norms.append(state)
-        handle = module.register_forward_hook(lambda m, args, out: _norm_output(m, args[0], state))
-        self._handles.append(handle)
+        module.forward = functools.partial(_frozen_norm_forward, module, state)
 
     def set_mode(self, attention: str = "off", norms: str | None = None) -> None:
         """Set the freezing mode of every attention layer and norm (norms default to `attention`)."""

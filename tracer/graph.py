@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tracer import pruning
@@ -147,8 +147,6 @@ class Graph:
         if not path.is_file():
             raise FileNotFoundError(f"graph file {path} does not exist")
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as handle:
                 raw = (handle.metadata() or {}).get("tracer")
             tensors = load_file(str(path))
@@ -156,12 +154,28 @@ class Graph:
             raise ValueError(f"graph file {path} is corrupt or truncated: {err}") from err
         if raw is None:
             raise ValueError(f"{path} is a safetensors file but not a tracer graph (no header)")
-        header = json.loads(raw)
+        try:
+            graph = cls._from_file_parts(json.loads(raw), tensors)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            reason = f"missing {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"graph file {path} is not a valid tracer graph: {reason}") from err
+        return graph
+
+    @classmethod
+    def _from_file_parts(cls, header: dict, tensors: dict[str, torch.Tensor]) -> Graph:
+        """Build a graph from a parsed header and the file's tensors, checking their shapes."""
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
         if header.get("format") != FORMAT:
-            raise ValueError(f"{path}: unsupported graph format {header.get('format')!r}")
+            raise ValueError(f"unsupported graph format {header.get('format')!r}, not {FORMAT!r}")
         missing = [n for n in TENSOR_FIELDS if n not in tensors]
         if missing:
-            raise ValueError(f"graph file {path} lacks tensors {missing}")
+            raise ValueError(f"it lacks tensors {missing}")
+        n_layers, metadata = header["n_layers"], header["metadata"]
+        if not isinstance(n_layers, int) or n_layers < 0:
+            raise ValueError(f"n_layers must be a non-negative int, got {n_layers!r}")
+        if not isinstance(metadata, dict):
+            raise ValueError(f"metadata must be a JSON object, got {type(metadata).__name__}")
         graph = cls(
             **{n: tensors[n] for n in TENSOR_FIELDS},
             logit_targets=[
@@ -174,13 +188,27 @@ class Graph:
                 for t in header["logit_targets"]
             ],
             input_string=header["input_string"],
-            n_layers=header["n_layers"],
-            metadata=header["metadata"],
+            n_layers=n_layers,
+            metadata=metadata,
         )
-        n = graph.layout.n_nodes
-        if tuple(graph.adjacency_matrix.shape) != (n, n):
-            raise ValueError(
-                f"graph file {path}: adjacency is {tuple(graph.adjacency_matrix.shape)}, "
-                f"its node counts say ({n}, {n})"
-            )
+        graph._check_shapes()
         return graph
+
+    def _check_shapes(self) -> None:
+        n_active = self.active_features.shape[0]
+        if self.active_features.shape != (n_active, 3):
+            raise ValueError(f"active_features is {tuple(self.active_features.shape)}, not (n, 3)")
+        if self.activation_values.shape != (n_active,):
+            raise ValueError(
+                f"activation_values is {tuple(self.activation_values.shape)}, not ({n_active},)"
+            )
+        selected = self.selected_features
+        if selected.ndim != 1 or bool(((selected < 0) | (selected >= n_active)).any()):
+            raise ValueError(f"selected_features must index the {n_active} active features")
+        if self.input_tokens.ndim != 1:
+            raise ValueError(f"input_tokens is {tuple(self.input_tokens.shape)}, not (n_pos,)")
+        n = self.layout.n_nodes
+        if tuple(self.adjacency_matrix.shape) != (n, n):
+            raise ValueError(
+                f"adjacency is {tuple(self.adjacency_matrix.shape)}, its node counts say ({n}, {n})"
+            )

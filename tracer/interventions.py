@@ -117,7 +117,7 @@ def direct_effect_run(
                 constant = state.mlp_outputs[layer] + write_delta[:, layer]
                 if ts.has_skip:
                     constant = constant - ts.skip(layer, state.reads[layer]) + ts.skip(layer, read)
-                model._layer_module(layer, model.write_module).output = constant
+                model._replace_mlp(layer, constant)
                 reads.append(read)
             final = model.envoy.output[0].save()
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from nnsight import NNsight
@@ -38,6 +39,9 @@ def load_model(
     name_or_path: str, *, dtype: str | torch.dtype = "float32", revision: str | None = None
 ) -> PreTrainedModel:
     """Load a causal LM from a local folder or hub id, in eval mode, on CPU."""
+    looks_local = str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
     config = AutoConfig.from_pretrained(name_or_path, revision=revision)
     family = family_for(config.model_type)
     kwargs = (
@@ -218,6 +222,15 @@ class ReplacementModel:
     def _embed_envoy(self):
         return get_module(self.envoy, self.family.embed_out)
 
+    def _replace_mlp(self, layer: int, value) -> None:
+        """Inside a trace: the MLP block of `layer` writes `value` and is not computed at all."""
+        mlp = self._layer_module(layer, self.family.mlp)
+        if self.write_module == self.family.mlp:
+            mlp.skip(value)
+        else:  # the block writes through a module after the MLP (Gemma-2's post-MLP norm)
+            mlp.skip(mlp.input)
+            self._layer_module(layer, self.write_module).skip(value)
+
     # ---- passes --------------------------------------------------------------------------------
     @torch.no_grad()
     def run_prompt(self, input_ids: torch.Tensor, *, zero_bos: bool = True) -> PromptState:
@@ -260,14 +273,16 @@ class ReplacementModel:
     def linear_forward(self, state: PromptState, batch: int) -> LinearPass:
         """Forward of the prompt repeated `batch` times, linear in its sources.
 
-        Attention patterns and norm scales are detached, MLP outputs are constants (plus the
+        Attention patterns and norm scales are frozen, MLP outputs are constants (plus the
         transcoder's skip term, which is linear), so gradients at the returned write points are
         exact direct effects.
         """
         ts = self.transcoders
         ids = state.input_ids[None].expand(batch, -1)
         shape = (batch, state.n_pos, self.d_model)
-        self.freezer.set_mode("detach")
+        # same prompt as the recorded one: replaying its patterns and scales gives the same values
+        # with no gradient through them, and saves no batch-sized buffers for the backward
+        self.freezer.set_mode("replay")
         try:
             reads, writes = [], []
             with self.envoy.trace(ids):
@@ -278,8 +293,7 @@ class ReplacementModel:
                     skip_clean = ts.skip(layer, state.reads[layer]) if ts.has_skip else 0
                     constant = state.mlp_outputs[layer] - skip_clean
                     write = constant.expand(shape).clone().requires_grad_(True).save()
-                    out = write + ts.skip(layer, read) if ts.has_skip else write
-                    self._layer_module(layer, self.write_module).output = out
+                    self._replace_mlp(layer, write + ts.skip(layer, read) if ts.has_skip else write)
                     reads.append(read)
                     writes.append(write)
                 final = self.envoy.output[0].save()

@@ -76,6 +76,7 @@ class TranscoderSet:
     feature_output_hook: str = "mlp.hook_out"
     top_k: int | None = None
     model_name: str | None = None
+    scan: str | list[str] | None = None  # upstream config's free-form `scan` identifier
     source: str | None = None  # where it was loaded from (path or hf:// URI)
     revision: str | None = None
     dtype: torch.dtype = torch.float32

@@ -3,6 +3,11 @@
 `{metadata, qParams, nodes, links}`; node ids: features `"{layer}_{feature}_{pos}"`, errors
 `"0_{layer}_{pos}"`, tokens `"E_{token_id}_{pos}"`, logits `"{n_layers + 1}_{token_id}_{pos}"`.
 Only kept nodes and kept edges are written: a full graph never goes to a viewer.
+
+The scheme is not collision-free: the error id `0_{layer}_{pos}` equals the id of layer-0 feature
+number `layer` at the same position, and a direction target (logit(A) - logit(B)) shares its id
+with a plain target A. A node whose id was already taken gets `~{n}` appended, so links stay
+unambiguous; ids of the scheme are otherwise kept exactly.
 """
 
 from __future__ import annotations
@@ -76,8 +81,15 @@ def viewer_nodes(graph: Graph, result: PruneResult, tokenizer=None) -> list[dict
                 "is_target_logit": k == 0,
                 "clerp": f'output "{target.label}" (p={target.probability:.3f})',
             }
-        node["jsNodeId"] = node["node_id"]
         nodes.append(node)
+    taken: dict[str, int] = {}
+    for node in nodes:
+        base = node["node_id"]
+        count = taken.get(base, 0)
+        taken[base] = count + 1
+        if count:
+            node["node_id"] = f"{base}~{count}"
+        node["jsNodeId"] = node["node_id"]
     return nodes
 
 

@@ -1,0 +1,112 @@
+"""Attribution benchmark: per-phase time, peak memory and the ratio to the backward-pass floor.
+
+Fixture: a random Llama-architecture model (6 layers, d_model 256) with a per-layer JumpReLU
+transcoder set of 4,096 features per layer, made sparse like a trained set (calibrated thresholds),
+and a 48-token prompt. The floor is `n_backward x (one forward + backward of the frozen model)` at
+the same batch size, measured in this process; targets: ratio <= 1.5, and peak memory (growth over
+the process before the run) <= 2 x dense adjacency + model + transcoders.
+
+    .venv/bin/python benchmarks/attribution.py [--layers 6 --d-model 256 --features 4096 --tokens 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import psutil
+import torch
+
+from tracer.attribute import RowComputer, attribute, collect_sources
+from tracer.fixtures import build_model, build_transcoders, calibrate_sparsity
+from tracer.replacement import ReplacementModel
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--features", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--density", type=float, default=0.0005, help="fraction of features active")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    model = build_model(
+        "llama",
+        n_layers=args.layers,
+        d_model=args.d_model,
+        n_heads=8,
+        vocab=args.vocab,
+        context=1024,
+    )
+    ts = build_transcoders(
+        "plt-jumprelu", n_layers=args.layers, d_model=args.d_model, d_transcoder=args.features
+    )
+    rm = ReplacementModel(model, ts)
+    sample = torch.randint(4, args.vocab, (32, args.tokens))
+    calibrate_sparsity(rm, ts, sample, args.density)
+    prompt = torch.randint(4, args.vocab, (args.tokens - 1,))
+    weights = nbytes(model.parameters()) + sum(
+        nbytes(t for t in vars(ts.layer(i)).values() if t is not None) for i in range(args.layers)
+    )
+
+    rss_before = rss()
+    start = time.perf_counter()
+    graph = attribute(prompt, rm, batch_size=args.batch_size, progress=False)
+    total = time.perf_counter() - start
+    peak = peak_rss() - rss_before
+    n_backward = graph.metadata["n_backward"]
+    adjacency = graph.adjacency_matrix.numel() * graph.adjacency_matrix.element_size()
+
+    # the floor: one forward + one backward of the frozen model at the same batch size
+    state = rm.run_prompt(rm.tokenize(prompt))
+    sources = collect_sources(rm, state)
+    batch = min(args.batch_size, sources.n_active)
+    timings = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        computer = RowComputer(rm, state, sources, batch)
+        lp = computer.linear
+        grads = torch.randn_like(lp.final_hidden)
+        torch.autograd.grad([lp.final_hidden], [lp.embed, *lp.writes], [grads], allow_unused=True)
+        timings.append(time.perf_counter() - t0)
+    one_pass = min(timings)
+    floor = n_backward * one_pass
+
+    print(f"fixture: {args.layers} layers, d_model {args.d_model}, {args.features} features/layer,")
+    print(
+        f"         {graph.n_pos} tokens, batch {args.batch_size}, torch threads {torch.get_num_threads()}"
+    )
+    print(f"active features: {graph.active_features.shape[0]}, nodes: {graph.layout.n_nodes}")
+    for phase, seconds in graph.metadata["timings"].items():
+        print(f"  phase {phase:<15} {seconds:8.3f} s")
+    print(f"total time:           {total:8.3f} s")
+    print(f"backward passes:      {n_backward}")
+    print(f"forward+backward:     {one_pass:8.3f} s (one, batch {batch})")
+    print(f"ratio total / floor:  {total / floor:8.2f}   (target <= 1.5)")
+    budget = 2 * adjacency + weights
+    print(f"dense adjacency:      {adjacency / 2**20:8.1f} MiB")
+    print(f"model + transcoders:  {weights / 2**20:8.1f} MiB")
+    print(f"peak RSS (process):   {peak_rss() / 2**20:8.1f} MiB")
+    print(f"peak growth in run:   {peak / 2**20:8.1f} MiB")
+    print(f"ratio growth / (2 x adjacency + weights): {peak / budget:6.2f}   (target <= 1.0)")
+
+
+if __name__ == "__main__":
+    main()

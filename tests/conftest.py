@@ -1,0 +1,42 @@
+"""Shared tiny models and graphs, built once per test session (a few seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracer.attribute import attribute
+from tracer.fixtures import build_model, build_tokenizer, build_transcoders
+from tracer.graph import Graph
+from tracer.replacement import ReplacementModel
+
+TINY_PROMPT = "the capital of the state containing Dallas is"
+
+
+def tiny_replacement_model(kind: str) -> ReplacementModel:
+    """GPT-2 family, 2 layers, d_model 32, word-level tokenizer; `kind` from TRANSCODER_KINDS."""
+    tokenizer = build_tokenizer()
+    model = build_model("gpt2", vocab=len(tokenizer))
+    transcoders = build_transcoders(kind, n_layers=2, d_model=32)
+    return ReplacementModel(model, transcoders, tokenizer=tokenizer, model_id=f"tiny-gpt2-{kind}")
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt() -> str:
+    return TINY_PROMPT
+
+
+@pytest.fixture(scope="session")
+def plt_model() -> ReplacementModel:
+    return tiny_replacement_model("plt-relu")
+
+
+@pytest.fixture(scope="session")
+def plt_graph(plt_model: ReplacementModel) -> Graph:
+    """The full (unpruned) graph of TINY_PROMPT under a per-layer ReLU transcoder set."""
+    return attribute(TINY_PROMPT, plt_model, progress=False)
+
+
+@pytest.fixture(scope="session")
+def clt_graph() -> Graph:
+    """The full graph of TINY_PROMPT under a cross-layer transcoder."""
+    return attribute(TINY_PROMPT, tiny_replacement_model("clt"), progress=False)

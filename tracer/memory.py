@@ -1,0 +1,31 @@
+"""Process memory: keep freed tensor memory from lingering in the C allocator.
+
+glibc raises its mmap threshold dynamically after large frees, so the batch-sized temporaries of a
+forward pass end up on the heap and stay counted in RSS long after torch freed them (we measured a
+1.3 GB high-water mark for 170 MB of live tensors). A fixed 1 MiB threshold makes large blocks
+mmap-backed and returned on free. Process-wide, Linux/glibc only, idempotent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_MMAP_THRESHOLD = -3
+_done = False
+
+
+def return_freed_memory() -> bool:
+    """Make large allocations go straight back to the OS when freed; False if not supported."""
+    global _done
+    if _done:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _done = bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+    except (OSError, AttributeError):
+        return False
+    return _done
