@@ -37,6 +37,7 @@ class Sources:
     activations: torch.Tensor  # (n_active,)
     errors: torch.Tensor  # (n_layers, n_pos, d_model)
     tokens: torch.Tensor  # (n_pos, d_model)
+    encoders: torch.Tensor  # (n_active, d_model): each feature's encoder row (its read vector)
     # per write layer: (indices into features, positions, activation-scaled decoder rows (n, d_model))
     writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -128,6 +129,10 @@ def collect_sources(model: ReplacementModel, state: PromptState) -> Sources:
     features = torch.cat(features)
     dtype = accumulation_dtype(model)
     activations = torch.cat(values).to(dtype)
+    encoders = torch.zeros(features.shape[0], model.d_model, dtype=dtype)
+    for layer in range(model.n_layers):
+        in_layer = (features[:, 0] == layer).nonzero(as_tuple=True)[0]
+        encoders[in_layer] = ts.layer(layer).W_enc[features[in_layer, 2]].to(dtype)
     writes = []
     for target in range(model.n_layers):
         index, pos, vectors = [], [], []
@@ -143,6 +148,7 @@ def collect_sources(model: ReplacementModel, state: PromptState) -> Sources:
         activations=activations,
         errors=torch.stack(state.errors).to(dtype),
         tokens=state.embeddings.to(dtype),
+        encoders=encoders,
         writes=writes,
     )
 
@@ -215,12 +221,12 @@ class RowComputer:
             token_cols += torch.einsum("bpd,pd->bp", grad_embed[:n].to(out.dtype), src.tokens)
 
 
-def _feature_targets(model: ReplacementModel, sources: Sources, idx: torch.Tensor) -> list[Target]:
-    ts = model.transcoders
-    out = []
-    for layer, pos, feat in sources.features[idx].tolist():
-        out.append(Target(layer=layer, pos=pos, vector=ts.layer(layer).W_enc[feat]))
-    return out
+def _feature_targets(sources: Sources, idx: torch.Tensor) -> list[Target]:
+    layers_positions = sources.features[idx, :2].tolist()
+    return [
+        Target(layer=layer, pos=pos, vector=vector)
+        for (layer, pos), vector in zip(layers_positions, sources.encoders[idx], strict=True)
+    ]
 
 
 def _logit_read_vectors(model: ReplacementModel, targets: list[LogitTarget]) -> torch.Tensor:
@@ -275,7 +281,7 @@ def explore_features(
     Returns (selected feature indices, ascending; adjacency (N, N) in node order). With every
     active feature selected, rows are written straight into the adjacency (one N x N matrix).
     """
-    batch, model = computer.batch, computer.model
+    batch = computer.batch
     n_active, n_columns, k = sources.n_active, sources.n_columns, len(logit_targets)
     budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     greedy = budget < n_active
@@ -309,9 +315,7 @@ def explore_features(
             influence[seen] = -1.0
             queue, queue_start = influence.argsort(descending=True)[: budget - done], done
         take = queue[done - queue_start :][: min(batch, budget - done)]
-        computer.rows(
-            _feature_targets(model, sources, take), out=feature_rows[done : done + len(take)]
-        )
+        computer.rows(_feature_targets(sources, take), out=feature_rows[done : done + len(take)])
         visited[done : done + len(take)] = take
         seen[take] = True
         done += len(take)
@@ -381,6 +385,8 @@ def attribute(
         targets=targets,
     )
     sources = collect_sources(model, state)
+    if offload:  # everything attribution needs of the transcoders is now in `sources`
+        model.transcoders.offload()
     lap("forward")
     batch = min(batch_size, max(sources.n_active, len(logit_targets)))
     computer = RowComputer(model, state, sources, batch)
@@ -398,8 +404,6 @@ def attribute(
     lap("rows")
     n_backward = computer.n_backward
     del computer
-    if offload:
-        model.transcoders.offload()
     prompt_text = prompt if isinstance(prompt, str) else None
     return Graph(
         adjacency_matrix=adjacency,

@@ -286,13 +286,15 @@ class ReplacementModel:
         try:
             reads, writes = [], []
             with self.envoy.trace(ids):
-                embed = state.embeddings.detach().expand(shape).clone().requires_grad_(True).save()
+                # expanded views of single-copy leaves: gradients w.r.t. them are per batch
+                # element, and no batch-sized copy is kept
+                embed = state.embeddings.detach().requires_grad_(True).expand(shape).save()
                 self._embed_envoy().output = embed
                 for layer in range(self.n_layers):
                     read = self._read_envoy(layer).save()
                     skip_clean = ts.skip(layer, state.reads[layer]) if ts.has_skip else 0
                     constant = state.mlp_outputs[layer] - skip_clean
-                    write = constant.expand(shape).clone().requires_grad_(True).save()
+                    write = constant.detach().requires_grad_(True).expand(shape).save()
                     self._replace_mlp(layer, write + ts.skip(layer, read) if ts.has_skip else write)
                     reads.append(read)
                     writes.append(write)
@@ -304,7 +306,8 @@ class ReplacementModel:
 
 @dataclass
 class LinearPass:
-    """Tensors of one linear forward (batch, n_pos, d_model); `embed` and `writes` are leaves."""
+    """Tensors of one linear forward (batch, n_pos, d_model); gradients w.r.t. `embed` and
+    `writes` are the per-target gradients at the sources' write points."""
 
     embed: torch.Tensor
     reads: list[torch.Tensor]
