@@ -142,10 +142,13 @@ class Freezer:
 
     @classmethod
     def install(cls, model: torch.nn.Module, family: Family) -> Freezer:
+        existing = getattr(model, "_tracer_freezer", None)
+        if existing is not None:  # one model, several transcoder sets: share the freezing
+            return existing
         freezer = cls(family=family, model=model)
         original = model.config._attn_implementation
         if original.startswith("tracer_frozen_"):
-            raise RuntimeError("model already has tracer freezing installed")
+            raise RuntimeError("model has tracer freezing from elsewhere; load a fresh copy")
         base = get_module(model, family.base)
         layers = get_module(base, family.layers)
         module_source = sys.modules[type(get_module(layers[0], family.attention)).__module__]
@@ -162,6 +165,7 @@ class Freezer:
                 freezer._hook_norm(get_module(layer, name))
         freezer._hook_norm(get_module(base, family.final_norm))
         model.set_attn_implementation(_implementation_name(original))
+        model._tracer_freezer = freezer
         return freezer
 
     def _hook_norm(self, module: torch.nn.Module) -> None:

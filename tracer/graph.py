@@ -117,6 +117,47 @@ class Graph:
             self.adjacency_matrix, self.layout, self.logit_weights(), **masks
         )
 
+    def subgraph_scores(self, pinned: torch.Tensor | list[int]) -> pruning.GraphScores:
+        """Scores of the subgraph of `pinned` node indices (tokens and logits always kept), every
+        edge between kept nodes kept, and everything else merged into error."""
+        layout = self.layout
+        node_mask = torch.zeros(layout.n_nodes, dtype=torch.bool)
+        pinned = torch.as_tensor(pinned, dtype=torch.long)
+        if pinned.numel() and not (0 <= int(pinned.min()) and int(pinned.max()) < layout.n_nodes):
+            raise ValueError(f"pinned node indices must be in [0, {layout.n_nodes})")
+        node_mask[pinned] = True
+        node_mask[layout.token_slice] = True
+        node_mask[layout.logit_slice] = True
+        edge_mask = node_mask[:, None] & node_mask[None, :] & (self.adjacency_matrix != 0)
+        return pruning.graph_scores(
+            self.adjacency_matrix,
+            layout,
+            self.logit_weights(),
+            node_mask=node_mask,
+            edge_mask=edge_mask,
+        )
+
+    def to_json(
+        self,
+        node_threshold: float = 0.8,
+        edge_threshold: float = 0.98,
+        *,
+        slug: str = "graph",
+        tokenizer=None,
+    ) -> dict:
+        """The viewer document of the pruned graph (a full graph never goes to a viewer)."""
+        from tracer.viewer import to_viewer_json
+
+        result = self.prune(node_threshold, edge_threshold)
+        return to_viewer_json(
+            self,
+            result,
+            slug=slug,
+            tokenizer=tokenizer,
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+        )
+
     # ---- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write a .safetensors file atomically (temporary name, then rename)."""

@@ -82,6 +82,7 @@ class TranscoderSet:
     dtype: torch.dtype = torch.float32
     loader: Callable[[int], LayerWeights] | None = None
     _layers: dict[int, LayerWeights] = field(default_factory=dict, repr=False)
+    _has_skip: bool | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -118,6 +119,7 @@ class TranscoderSet:
         """Drop layers from memory (they reload on next use); needs a loader."""
         if self.loader is None:
             return
+        _ = self.has_skip  # settle it while a layer is still here
         for i in list(self._layers):
             if i not in keep:
                 del self._layers[i]
@@ -130,7 +132,9 @@ class TranscoderSet:
 
     @property
     def has_skip(self) -> bool:
-        return self.layer(0).W_skip is not None
+        if self._has_skip is None:  # cached: asking must not reload an offloaded layer
+            self._has_skip = self.layer(0).W_skip is not None
+        return self._has_skip
 
     def _check_layer(self, i: int, w: LayerWeights) -> None:
         where = f"transcoder layer {i}"

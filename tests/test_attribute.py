@@ -1,0 +1,87 @@
+"""attribute() options beyond exactness: dtypes, offloading, metadata, subgraph scores."""
+
+import torch
+
+from tracer.attribute import attribute
+from tracer.fixtures import build_model, build_transcoders
+from tracer.pruning import normalize_rows
+from tracer.replacement import ReplacementModel
+from tracer.transcoder_files import load_transcoders, save_transcoders
+
+PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
+
+
+def test_bfloat16_graph_close_to_float32():
+    """bfloat16 runs end to end; its adjacency is the float32 one up to bfloat16 rounding."""
+    targets = [20, 33, 40]
+    model = build_model("llama")
+    ts = build_transcoders("plt-relu", n_layers=2, d_model=32)
+    g32 = attribute(PROMPT, ReplacementModel(model, ts), targets=targets, progress=False)
+    model16 = build_model("llama").to(torch.bfloat16)
+    ts16 = build_transcoders("plt-relu", n_layers=2, d_model=32)
+    g16 = attribute(PROMPT, ReplacementModel(model16, ts16), targets=targets, progress=False)
+    assert g16.metadata["dtype"] == "bfloat16"
+    assert g16.adjacency_matrix.dtype == torch.float32
+    # the same logit rows, agreeing to a few bfloat16 roundings of the largest entry
+    rows16 = g16.adjacency_matrix[-3:]
+    rows32 = g32.adjacency_matrix[-3:]
+    # compare error and token columns (feature sets can differ where activations are near zero)
+    cols16 = slice(g16.layout.n_features, g16.layout.n_nodes - len(g16.logit_targets))
+    cols32 = slice(g32.layout.n_features, g32.layout.n_nodes - len(g32.logit_targets))
+    scale = rows32[:, cols32].abs().max()
+    assert (rows16[:, cols16] - rows32[:, cols32]).abs().max() <= 0.05 * scale
+
+
+def test_offload_drops_transcoder_weights_and_gives_the_same_graph(tmp_path):
+    model = build_model("gpt2")
+    save_transcoders(build_transcoders("clt", n_layers=2, d_model=32), tmp_path / "clt")
+    resident = attribute(
+        PROMPT, ReplacementModel(model, load_transcoders(tmp_path / "clt")), progress=False
+    )
+    ts = load_transcoders(tmp_path / "clt")
+    offloaded = attribute(PROMPT, ReplacementModel(model, ts), offload=True, progress=False)
+    assert not ts._layers  # nothing left in memory after attribution
+    assert torch.equal(resident.adjacency_matrix, offloaded.adjacency_matrix)
+
+
+def test_metadata_records_phases_and_backward_passes():
+    rm = ReplacementModel(
+        build_model("gpt2"), build_transcoders("plt-relu", n_layers=2, d_model=32)
+    )
+    graph = attribute(PROMPT, rm, batch_size=10, progress=False)
+    meta = graph.metadata
+    assert set(meta["timings"]) == {"forward", "linear_forward", "rows"}
+    n_logits, n_features = len(graph.logit_targets), graph.layout.n_features
+    assert meta["n_backward"] == -(-n_features // 10) + -(-n_logits // 10)
+    assert meta["config"]["batch_size"] == 10 and meta["family"] == "gpt2"
+
+
+def test_subgraph_scores():
+    rm = ReplacementModel(build_model("gpt2"), build_transcoders("clt", n_layers=2, d_model=32))
+    graph = attribute(PROMPT, rm, progress=False)
+    layout = graph.layout
+    # pinning every feature and error node keeps the whole graph
+    full = graph.scores()
+    every = graph.subgraph_scores(list(range(layout.n_features + layout.n_errors)))
+    assert abs(every.replacement - full.replacement) < 1e-6
+    assert abs(every.completeness - full.completeness) < 1e-6
+    # merging the error nodes into "error" does not change where influence ends up
+    features = graph.subgraph_scores(list(range(layout.n_features)))
+    assert abs(features.replacement - full.replacement) < 1e-6
+    # pinning nothing leaves only token -> logit edges: replacement = their normalised weight
+    none = graph.subgraph_scores([])
+    b = normalize_rows(graph.adjacency_matrix.double())
+    w = graph.logit_probabilities.double()
+    direct = (w[:, None] * b[layout.logit_slice, layout.token_slice]).sum() / w.sum()
+    assert abs(none.replacement - direct.item()) < 1e-6
+
+
+def test_to_json_is_the_pruned_graph():
+    rm = ReplacementModel(
+        build_model("gpt2"), build_transcoders("plt-relu", n_layers=2, d_model=32)
+    )
+    graph = attribute(PROMPT, rm, progress=False)
+    document = graph.to_json(0.5, 0.9)
+    result = graph.prune(0.5, 0.9)
+    assert len(document["nodes"]) == int(result.node_mask.sum()) < graph.layout.n_nodes
+    assert document["metadata"]["node_threshold"] == 0.5
