@@ -171,7 +171,7 @@ def write_fixture(out, *, family: str = "gpt2", kind: str = "clt", seed: int = 0
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     ts = build_transcoders(kind, n_layers=4, d_model=64, d_transcoder=128, seed=seed)
-    save_transcoders(ts, ts_dir)
+    save_transcoders(ts, ts_dir, overwrite=True)
     return {"model": model_dir, "transcoders": ts_dir}
 
 

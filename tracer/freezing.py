@@ -6,7 +6,8 @@ Modes per component:
             (the residual stream becomes linear in its sources);
 - "record": values as usual, and the attention patterns and norm scales of this prompt are stored;
 - "replay": the stored patterns and norm scales are used whatever the input is (attribution's
-            linear pass and direct-effect interventions: the frozen model run forward).
+            linear pass and direct-effect interventions: the frozen model run forward). On a
+            longer input (generation) only the recorded prompt positions are frozen.
 
 Attention goes through a function registered with transformers' `AttentionInterface`. The pattern
 is read off the family's *own* implementation by passing it an identity matrix as the values
@@ -81,10 +82,24 @@ def _frozen_attention(module, query, key, value, attention_mask, **kwargs):
     if state.mode == "detach":
         pattern = _pattern(state, module, query, key, attention_mask, kwargs)
     else:
-        pattern = state.pattern
-        if pattern is None or pattern.shape[-1] != key.shape[-2]:
-            raise RuntimeError("attention replay needs a recorded prompt of the same length")
+        pattern = _replayed(state.pattern, key.shape[-2], "attention")
+        if pattern.shape[-1] < key.shape[-2]:  # generation: positions after the prompt are live
+            live = _pattern(state, module, query, key, attention_mask, kwargs)
+            n = pattern.shape[-1]
+            live[:, :, :n, :n] = pattern.to(live.dtype)
+            pattern = live
     return _apply_pattern(pattern, value), None
+
+
+def _replayed(recorded: torch.Tensor | None, length: int, what: str) -> torch.Tensor:
+    """A recorded (.., n_recorded, ..) tensor for a sequence of `length` >= n_recorded positions."""
+    if recorded is None:
+        raise RuntimeError(f"{what} replay needs a recorded prompt first")
+    if recorded.shape[-2] > length:
+        raise RuntimeError(
+            f"{what} replay recorded {recorded.shape[-2]} positions but the input has {length}"
+        )
+    return recorded
 
 
 def _implementation_name(original: str) -> str:
@@ -112,9 +127,12 @@ def _frozen_norm_forward(
     if state.style == "layernorm":
         xf = xf - xf.mean(-1, keepdim=True)
     if state.mode == "replay":
-        if state.scale is None or state.scale.shape[-2] != x.shape[-2]:
-            raise RuntimeError("norm replay needs a recorded prompt of the same length")
-        scale = state.scale
+        scale = _replayed(state.scale, x.shape[-2], "norm")
+        if scale.shape[-2] < x.shape[-2]:  # generation: positions after the prompt are live
+            with torch.no_grad():
+                live = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            live[..., : scale.shape[-2], :] = scale.to(live.dtype)
+            scale = live
     else:
         with torch.no_grad():
             scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
