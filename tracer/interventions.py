@@ -191,9 +191,14 @@ def run_with_changes(
     batch: Sequence[Sequence[Change]],
     mode: str = "full",
     on_new_tokens: bool = False,
+    with_activations: bool = True,
 ) -> InterventionResult:
     """One forward of `ids` (B, n_pos), whose first `state.n_pos` tokens are the prompt, with
-    change set b applied to row b. Positions past the prompt run live in every mode."""
+    change set b applied to row b. Positions past the prompt run live in every mode.
+
+    `with_activations=False` skips encoding every feature of every layer (the costly part for large
+    sets): only the changed features are evaluated, and `activations` comes back empty.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not batch:
@@ -206,6 +211,8 @@ def run_with_changes(
     token_scale, direct_writes = _write_deltas(model, state, batch, n_pos)
     pending = torch.zeros_like(direct_writes)  # live modes: decoded changes per written layer
     activations = []
+    has_errors = any(isinstance(c, ErrorChange) for cs in batch for c in cs)
+    encode_all = with_activations or has_errors
     model.freezer.set_mode(*_FREEZING[mode])
     try:
         with model.envoy.trace(ids):
@@ -214,8 +221,9 @@ def run_with_changes(
             acts_so_far: list[torch.Tensor] = []
             for layer in range(model.n_layers):
                 read = model._read_envoy(layer)
-                acts = ts.encode(layer, read)  # (B, n_pos, d_transcoder) as the input now reads
-                acts_so_far.append(acts.clone())  # unchanged: the live error is measured on them
+                acts = ts.encode(layer, read) if encode_all else None  # (B, n_pos, d_transcoder)
+                if has_errors:  # unchanged copies: the live error is measured on them
+                    acts_so_far.append(acts.clone())
                 write = model._layer_module(layer, model.write_module)
                 if mode == "direct":
                     live = write.output
@@ -225,15 +233,17 @@ def run_with_changes(
                         frozen = frozen - ts.skip(layer, state.reads[layer]) + skip
                     new = live[:, n_prompt:] + direct_writes[:, layer, n_prompt:]
                     write.output = torch.cat([frozen, new], dim=1)
-                    _set_changed(acts, batch, layer, n_pos, n_prompt, on_new_tokens, state)
+                    if acts is not None:
+                        _set_changed(acts, batch, layer, n_pos, n_prompt, on_new_tokens, state)
                 else:
                     mlp_out = write.output
                     errors = _error_deltas(model, batch, layer, mlp_out, acts_so_far, read)
                     _decode_changes(
-                        model, acts, batch, layer, pending, n_pos, n_prompt, on_new_tokens
+                        model, acts, read, batch, layer, pending, n_pos, n_prompt, on_new_tokens
                     )
                     write.output = mlp_out + pending[:, layer] + errors
-                activations.append(acts.to_sparse())
+                if with_activations:
+                    activations.append(acts.to_sparse())
             final = model.envoy.output[0].save()
     finally:
         model.freezer.set_mode("off")
@@ -243,7 +253,8 @@ def run_with_changes(
 
 def _decode_changes(
     model: ReplacementModel,
-    acts: torch.Tensor,
+    acts: torch.Tensor | None,
+    read: torch.Tensor,
     batch: Sequence[Sequence[Change]],
     layer: int,
     pending: torch.Tensor,
@@ -258,13 +269,28 @@ def _decode_changes(
             if not isinstance(change, FeatureChange) or change.layer != layer:
                 continue
             pos = _positions(change, n_pos, n_prompt, on_new_tokens)
-            current = acts[b, pos, change.feature]
+            if acts is None:
+                current = _feature_activation(ts, layer, read[b, pos], change.feature)
+            else:
+                current = acts[b, pos, change.feature]
             new = change.target(current)
-            acts[b, pos, change.feature] = new
+            if acts is not None:
+                acts[b, pos, change.feature] = new
             for target in _written_layers(model, layer):
                 pending[b, target, pos] += (new - current)[:, None] * ts.decoder(layer, target)[
                     change.feature
                 ]
+
+
+def _feature_activation(ts, layer: int, x: torch.Tensor, feature: int) -> torch.Tensor:
+    """Activation of one feature at reads x (n, d_model), without encoding the whole layer."""
+    if ts.activation == "topk":  # a top-k feature depends on its whole row
+        return ts.encode(layer, x)[:, feature]
+    w = ts.layer(layer)
+    pre = x @ w.W_enc[feature] + w.b_enc[feature]
+    if ts.activation == "relu":
+        return torch.relu(pre)
+    return pre * (pre > w.threshold[feature])
 
 
 def _set_changed(acts, batch, layer, n_pos, n_prompt, on_new_tokens, state) -> None:
