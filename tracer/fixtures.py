@@ -142,20 +142,9 @@ FIXTURE_WORDS = (
 
 def build_tokenizer(words: tuple[str, ...] = FIXTURE_WORDS):
     """A word-level fast tokenizer with BOS/EOS/PAD/UNK at ids 0-3."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tracer.zoo.tokenizer import build_tokenizer as build_word_tokenizer
 
-    specials = ["<bos>", "<eos>", "<pad>", "<unk>"]
-    vocab = {token: i for i, token in enumerate([*specials, *dict.fromkeys(words)])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    return build_word_tokenizer(list(dict.fromkeys(words)))
 
 
 def write_fixture(out, *, family: str = "gpt2", kind: str = "clt", seed: int = 0) -> dict:

@@ -233,9 +233,7 @@ def _fact_pool(task: str, split: _Split) -> list[str]:
     """The distinct training sentences of a task with a finite set of facts."""
     if task == "single_hop":
         capitals = [
-            t.format(state=s, capital=c)
-            for s, (c, _) in STATES.items()
-            for t in CAPITAL_TEMPLATES[1:]
+            t.format(state=s, capital=c) for s, (c, _) in STATES.items() for t in CAPITAL_TEMPLATES
         ]
         return capitals + [
             t.format(city=c, state=s) for c, s in STATE_OF.items() for t in CITY_TEMPLATES
