@@ -8,6 +8,7 @@ decoder layer. Transcoder configs name their read/write points with TransformerL
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +120,8 @@ WRITE_HOOKS = ("hook_mlp_out", "mlp.hook_out")
 
 def hook_point(family: Family, hook: str, *, write: bool) -> tuple[str, str]:
     """Map a TransformerLens hook name (optionally `blocks.{i}.`-prefixed) to (layer module, side)."""
-    name = hook.split(".", 2)[2] if hook.startswith("blocks.") else hook
+    prefixed = re.fullmatch(r"blocks\.\d+\.(.+)", hook)
+    name = prefixed.group(1) if prefixed else hook
     valid = WRITE_HOOKS if write else READ_HOOKS
     if name not in valid:
         kind = "feature_output_hook" if write else "feature_input_hook"

@@ -15,7 +15,9 @@ is read off the family's *own* implementation by passing it an identity matrix a
 stay the family's own; the frozen output is then `pattern @ values`, which saves for backward only
 the (heads, n_pos, n_pos) pattern instead of the family kernel's batch-sized buffers. The matching
 mask function is registered under the same name, or the model would silently run with no causal
-mask. Norms are frozen by replacing their forward with one whose scale is frozen.
+mask. Norms are frozen by replacing their forward with one whose scale is frozen; it computes
+in float32 or wider (transformers' RMSNorms always use float32, so float64 models differ from
+their unmodified selves by float32 rounding there).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class _NormState:
 def _pattern(state: _AttentionState, module, query, key, attention_mask, kwargs) -> torch.Tensor:
     """(batch, heads, q_len, k_len) softmax pattern computed by the family's own function."""
     batch, kv_heads, k_len = key.shape[0], key.shape[1], key.shape[2]
-    eye = torch.eye(k_len, dtype=query.dtype).expand(batch, kv_heads, k_len, k_len)
+    eye = torch.eye(k_len, dtype=query.dtype, device=query.device).expand(batch, kv_heads, k_len, k_len)
     out, _ = state.inner(module, query, key, eye, attention_mask, **kwargs)
     return out.transpose(1, 2)  # (batch, q_len, heads, k_len) -> (batch, heads, q_len, k_len)
 

@@ -119,7 +119,8 @@ class TranscoderSet:
         """Drop layers from memory (they reload on next use); needs a loader."""
         if self.loader is None:
             return
-        _ = self.has_skip  # settle it while a layer is still here
+        if self._has_skip is None and self._layers:  # settle it while a layer is still here
+            self._has_skip = next(iter(self._layers.values())).W_skip is not None
         for i in list(self._layers):
             if i not in keep:
                 del self._layers[i]

@@ -1,0 +1,281 @@
+"""Attention and norm freezing (tracer.freezing) against unmodified models and finite differences.
+
+Float64 throughout. transformers' RMSNorms compute in float32 whatever the input dtype, while the
+frozen norms compute in float64; where values are compared to an unmodified model, the reference
+model therefore has its residual/final norms evaluated by the formula of `reference_norm` in
+float64 (LayerNorm already is), so the comparison can be tight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator
+
+import pytest
+import torch
+from test_families import reference_norm
+
+from tracer.families import get_module
+from tracer.fixtures import FIXTURE_FAMILIES, build_model, build_transcoders
+from tracer.freezing import MODES, Freezer
+from tracer.replacement import ReplacementModel
+
+IDS = torch.tensor([[0, 5, 9, 17, 3, 22, 41, 8, 30, 11]])  # longer than gemma2's sliding window
+OTHER_IDS = torch.tensor([[0, 12, 40, 6, 33, 2, 19, 27, 50, 14]])
+
+
+@dataclasses.dataclass
+class Setup:
+    rm: ReplacementModel
+    logits_before: torch.Tensor  # (1, n_pos, vocab) of the model before freezing was installed
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.rm.model
+
+    @property
+    def base(self) -> torch.nn.Module:
+        return self.rm.base
+
+
+@pytest.fixture(scope="module", params=FIXTURE_FAMILIES)
+def setup(request) -> Setup:
+    model = build_model(request.param).to(torch.float64)
+    with torch.no_grad():
+        before = model(IDS).logits
+    transcoders = build_transcoders("plt-skip", n_layers=2, d_model=32)
+    return Setup(ReplacementModel(model, transcoders), before)
+
+
+def reference_model(rm: ReplacementModel, *, eager: bool) -> torch.nn.Module:
+    """The same weights, residual/final norms evaluated in float64; `eager` attention returns
+    its weights."""
+    model = build_model(rm.family.name).to(torch.float64)
+    if eager:
+        model.set_attn_implementation("eager")
+    fam = rm.family
+    base = get_module(model, fam.base)
+    norms = [get_module(base, fam.final_norm)]
+    for layer in get_module(base, fam.layers):
+        norms += [get_module(layer, name) for name in fam.residual_norms]
+    for norm in norms:
+        norm.forward = functools.partial(reference_norm, fam.norm_style, norm)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def frozen(rm: ReplacementModel, mode: str) -> Iterator[None]:
+    rm.freezer.set_mode(mode)
+    try:
+        yield
+    finally:
+        rm.freezer.set_mode("off")
+
+
+@contextlib.contextmanager
+def hooked(
+    rm: ReplacementModel, embed: torch.Tensor | None, mlp_writes: list | None
+) -> Iterator[None]:
+    """Replace the residual stream entering layer 0 and/or each MLP block's write (forward hooks)."""
+    handles = []
+    if embed is not None:
+        module = get_module(rm.base, rm.family.embed_out)
+        handles.append(module.register_forward_hook(lambda _m, _a, _o: embed))
+    for i, layer in enumerate(rm.layers if mlp_writes is not None else []):
+        module = get_module(layer, rm.family.mlp_write)
+        handles.append(module.register_forward_hook(lambda _m, _a, _o, i=i: mlp_writes[i]))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_off_mode_leaves_logits_unchanged(setup: Setup):
+    with torch.no_grad():
+        logits = setup.model(IDS).logits
+    torch.testing.assert_close(logits, setup.logits_before, rtol=0, atol=1e-12)
+
+
+def test_record_mode_keeps_the_models_values(setup: Setup):
+    with frozen(setup.rm, "record"), torch.no_grad():
+        logits = setup.model(IDS).logits
+    reference = reference_model(setup.rm, eager=False)
+    with torch.no_grad():
+        expected = reference(IDS).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-10)
+    # against the untouched model, up to its float32 RMSNorm rounding
+    torch.testing.assert_close(logits, setup.logits_before, rtol=0, atol=1e-6)
+
+
+def test_recorded_patterns_are_the_models_eager_attention_weights(setup: Setup):
+    with frozen(setup.rm, "record"), torch.no_grad():
+        setup.model(IDS)
+    patterns = [state.pattern for state in setup.rm.freezer._attention]
+
+    reference = reference_model(setup.rm, eager=True)
+    weights: list[torch.Tensor] = []
+    for layer in get_module(get_module(reference, setup.rm.family.base), setup.rm.family.layers):
+        attention = get_module(layer, setup.rm.family.attention)
+        attention.register_forward_hook(lambda _m, _a, out: weights.append(out[1]))
+    with torch.no_grad():
+        reference(IDS)
+    assert len(weights) == len(patterns) == setup.rm.n_layers
+    n = IDS.shape[1]
+    # Llama's and Qwen-3's eager attention take the softmax in float32 (the tracer model runs
+    # sdpa in float64); GPT-2's is float64 and Gemma-2 runs the same eager function in both
+    atol = 1e-6 if setup.rm.family.name in ("llama", "qwen3") else 1e-12
+    for pattern, expected in zip(patterns, weights, strict=True):
+        assert pattern.shape == expected.shape == (1, setup.model.config.num_attention_heads, n, n)
+        torch.testing.assert_close(pattern, expected, rtol=0, atol=atol)
+        assert torch.equal(pattern.triu(1), torch.zeros_like(pattern))  # causal
+    if setup.rm.family.name == "gemma2":  # layer 0 slides over 4 positions, layer 1 does not
+        window = setup.model.config.sliding_window
+        assert torch.equal(patterns[0].tril(-window), torch.zeros_like(patterns[0]))
+        assert patterns[1].tril(-window).abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_causal_mask_holds_in_every_mode(setup: Setup, mode: str):
+    changed = IDS.clone()
+    changed[0, -1] = 40
+    with torch.no_grad():
+        with frozen(setup.rm, "record"):
+            setup.base(IDS)  # what replay replays
+        with frozen(setup.rm, mode):
+            clean = setup.base(IDS).last_hidden_state
+            other = setup.base(changed).last_hidden_state
+    torch.testing.assert_close(other[:, :-1], clean[:, :-1], rtol=0, atol=1e-12)
+    assert (other[:, -1] - clean[:, -1]).abs().max() > 1e-3
+
+
+def test_replay_of_the_recorded_prompt_reproduces_it(setup: Setup):
+    with torch.no_grad():
+        with frozen(setup.rm, "record"):
+            recorded = setup.base(IDS).last_hidden_state
+        with frozen(setup.rm, "replay"):
+            replayed = setup.base(IDS).last_hidden_state
+            other = setup.base(OTHER_IDS).last_hidden_state
+        with frozen(setup.rm, "off"):
+            other_unfrozen = setup.base(OTHER_IDS).last_hidden_state
+    torch.testing.assert_close(replayed, recorded, rtol=0, atol=1e-10)
+    # another input of the same length runs with this prompt's patterns and scales
+    assert (other - other_unfrozen).abs().max() > 1e-3
+
+
+def test_replay_of_a_shorter_input_is_refused(setup: Setup):
+    with torch.no_grad():
+        with frozen(setup.rm, "record"):
+            setup.base(IDS)
+        with frozen(setup.rm, "replay"), pytest.raises(RuntimeError, match="recorded 10 .* has 9"):
+            setup.base(IDS[:, :-1])
+
+
+def test_replay_of_a_longer_input_runs_new_positions_live(setup: Setup):
+    """Generation: the recorded prompt as prefix, one more token; its position is not frozen."""
+    longer = torch.cat([IDS, torch.tensor([[7]])], dim=1)
+    with torch.no_grad():
+        with frozen(setup.rm, "record"):
+            expected = setup.base(longer).last_hidden_state  # live everywhere, float64 norms
+            setup.base(IDS)  # what replay replays
+        with frozen(setup.rm, "replay"):
+            replayed = setup.base(longer).last_hidden_state
+    torch.testing.assert_close(replayed, expected, rtol=0, atol=1e-10)
+
+
+def test_linear_forward_is_affine_in_the_embeddings(setup: Setup):
+    """Replay freezes patterns and scales: with MLP writes constant, the output is affine."""
+    state = setup.rm.run_prompt(IDS[0], zero_bos=False)
+    e1 = state.embeddings
+    e2 = torch.randn(e1.shape, generator=torch.Generator().manual_seed(0), dtype=e1.dtype)
+    e2 = e2 * e1.norm(dim=-1, keepdim=True) / e2.norm(dim=-1, keepdim=True)
+
+    def final(embeddings: torch.Tensor) -> torch.Tensor:
+        run = setup.rm.linear_forward(dataclasses.replace(state, embeddings=embeddings), 1)
+        return run.final_hidden[0].detach()
+
+    torch.testing.assert_close(final(e1), state.final_hidden, rtol=0, atol=1e-10)
+    a = 0.3
+    mixed = final(a * e1 + (1 - a) * e2)
+    torch.testing.assert_close(mixed, a * final(e1) + (1 - a) * final(e2), rtol=0, atol=1e-10)
+
+
+def test_detach_gradient_equals_finite_difference_of_replay(setup: Setup):
+    """d(r . final_hidden)/d(embedding) under "detach" vs central differences under "replay",
+    MLP writes held at their recorded values in both."""
+    rm = setup.rm
+    gen = torch.Generator().manual_seed(1)
+    n = IDS.shape[1]
+    embed: list[torch.Tensor] = []
+    writes: list[torch.Tensor] = []
+    handles = [
+        get_module(rm.base, rm.family.embed_out).register_forward_hook(
+            lambda _m, _a, out: embed.append(out)
+        ),
+        *(
+            get_module(layer, rm.family.mlp_write).register_forward_hook(
+                lambda _m, _a, out: writes.append(out)
+            )
+            for layer in rm.layers
+        ),
+    ]
+    with torch.no_grad(), frozen(rm, "record"):
+        rm.base(IDS)
+    for handle in handles:
+        handle.remove()
+    e0 = embed[0]  # (1, n_pos, d_model)
+    r = torch.randn(1, n, rm.d_model, generator=gen, dtype=torch.float64)
+
+    def gradient(mode: str) -> torch.Tensor:
+        e = e0.clone().requires_grad_(True)
+        with frozen(rm, mode), hooked(rm, e, writes):
+            hidden = rm.base(IDS).last_hidden_state
+        return torch.autograd.grad((hidden * r).sum(), e)[0]
+
+    k, h = 4, 1e-2
+    directions = torch.randn(k, n, rm.d_model, generator=gen, dtype=torch.float64)
+    batch_ids = IDS.expand(2 * k, -1)
+    points = torch.cat([e0 + h * directions, e0 - h * directions])
+    with (
+        torch.no_grad(),
+        frozen(rm, "replay"),
+        hooked(rm, points, [w.expand(2 * k, -1, -1) for w in writes]),
+    ):
+        values = (rm.base(batch_ids).last_hidden_state * r).sum((1, 2))
+    finite_difference = (values[:k] - values[k:]) / (2 * h)
+
+    grad = gradient("detach")
+    directional = (grad * directions).sum((1, 2))
+    torch.testing.assert_close(directional, finite_difference, rtol=1e-7, atol=0)
+    # the freezing matters: the unfrozen gradient is a different one
+    unfrozen = (gradient("off") * directions).sum((1, 2))
+    assert (unfrozen - finite_difference).abs().max() > 1e-3 * finite_difference.abs().max()
+
+
+def test_set_mode_rejects_unknown_modes(setup: Setup):
+    for kwargs in ({"attention": "frozen"}, {"attention": "off", "norms": "freeze"}):
+        with pytest.raises(ValueError) as info:
+            setup.rm.freezer.set_mode(**kwargs)
+        for mode in ("off", "detach", "record", "replay"):
+            assert mode in str(info.value)
+    setup.rm.freezer.set_mode("off")
+
+
+def test_installing_again_shares_the_freezing_of_the_model(setup: Setup):
+    assert Freezer.install(setup.model, setup.rm.family) is setup.rm.freezer
+    other = ReplacementModel(setup.model, build_transcoders("clt", n_layers=2, d_model=32))
+    assert other.freezer is setup.rm.freezer
+    with torch.no_grad():
+        logits = setup.model(IDS).logits
+    torch.testing.assert_close(logits, setup.logits_before, rtol=0, atol=1e-12)
+
+
+def test_model_frozen_elsewhere_is_refused(setup: Setup):
+    name = setup.model.config._attn_implementation
+    assert name.startswith("tracer_frozen_")
+    fresh = build_model(setup.rm.family.name).to(torch.float64)
+    fresh.set_attn_implementation(name)
+    with pytest.raises(RuntimeError, match="fresh copy"):
+        Freezer.install(fresh, setup.rm.family)
