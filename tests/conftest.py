@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tracer.attribute import attribute
 from tracer.fixtures import build_model, build_tokenizer, build_transcoders
@@ -10,6 +11,15 @@ from tracer.graph import Graph
 from tracer.replacement import ReplacementModel
 
 TINY_PROMPT = "the capital of the state containing Dallas is"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny matrices: one intra-op thread is far faster than two fighting over a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def tiny_replacement_model(kind: str) -> ReplacementModel:

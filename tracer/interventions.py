@@ -92,10 +92,13 @@ def check_changes(model: ReplacementModel, n_pos: int, changes: Sequence[Change]
                 raise ValueError(f"{change}: feature {change.feature} out of range [0, {d})")
 
 
-def _positions(change: Change, n_pos: int, n_prompt: int, on_new_tokens: bool) -> torch.Tensor:
+def _positions(
+    change: Change, n_pos: int, n_prompt: int, on_new_tokens: bool, start: int = 0
+) -> torch.Tensor:
+    """Positions >= start that `change` applies to."""
     if change.pos is not None:
-        return torch.tensor([change.pos])
-    return torch.arange(n_pos if on_new_tokens else n_prompt)
+        return torch.tensor([change.pos] if change.pos >= start else [], dtype=torch.long)
+    return torch.arange(start, n_pos if on_new_tokens else n_prompt)
 
 
 @dataclass
@@ -231,10 +234,23 @@ def run_with_changes(
                     if ts.has_skip:
                         skip = ts.skip(layer, read[:, :n_prompt])
                         frozen = frozen - ts.skip(layer, state.reads[layer]) + skip
-                    new = live[:, n_prompt:] + direct_writes[:, layer, n_prompt:]
-                    write.output = torch.cat([frozen, new], dim=1)
                     if acts is not None:
-                        _set_changed(acts, batch, layer, n_pos, n_prompt, on_new_tokens, state)
+                        _set_changed(acts, batch, layer, n_prompt, state)
+                    # generated positions run live: changes there decode from live activations
+                    _decode_changes(
+                        model,
+                        acts,
+                        read,
+                        batch,
+                        layer,
+                        pending,
+                        n_pos,
+                        n_prompt,
+                        on_new_tokens,
+                        start=n_prompt,
+                    )
+                    new = live[:, n_prompt:] + pending[:, layer, n_prompt:]
+                    write.output = torch.cat([frozen, new], dim=1)
                 else:
                     mlp_out = write.output
                     errors = _error_deltas(model, batch, layer, mlp_out, acts_so_far, read)
@@ -261,14 +277,18 @@ def _decode_changes(
     n_pos: int,
     n_prompt: int,
     on_new_tokens: bool,
+    start: int = 0,
 ) -> None:
-    """Set the changed features of `layer` in `acts` and add their decoded change to `pending`."""
+    """Set the changed features of `layer` in `acts` and add their decoded change to `pending`,
+    at positions >= start."""
     ts = model.transcoders
     for b, changes in enumerate(batch):
         for change in changes:
             if not isinstance(change, FeatureChange) or change.layer != layer:
                 continue
-            pos = _positions(change, n_pos, n_prompt, on_new_tokens)
+            pos = _positions(change, n_pos, n_prompt, on_new_tokens, start)
+            if pos.numel() == 0:
+                continue
             if acts is None:
                 current = _feature_activation(ts, layer, read[b, pos], change.feature)
             else:
@@ -293,13 +313,14 @@ def _feature_activation(ts, layer: int, x: torch.Tensor, feature: int) -> torch.
     return pre * (pre > w.threshold[feature])
 
 
-def _set_changed(acts, batch, layer, n_pos, n_prompt, on_new_tokens, state) -> None:
-    """Direct mode's reported activations: changed features at their set values."""
+def _set_changed(acts, batch, layer, n_prompt, state) -> None:
+    """Direct mode's reported activations at prompt positions: changed features at their set
+    values (relative to the clean prompt's)."""
     for b, changes in enumerate(batch):
         for change in changes:
             if isinstance(change, FeatureChange) and change.layer == layer:
-                pos = _positions(change, n_pos, n_prompt, on_new_tokens)
-                clean = state.activations[layer][pos.clamp(max=n_prompt - 1), change.feature]
+                pos = _positions(change, n_prompt, n_prompt, False)
+                clean = state.activations[layer][pos, change.feature]
                 acts[b, pos, change.feature] = change.target(clean)
 
 
@@ -412,8 +433,12 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     batch = [[]] if not changes else _as_batch(changes)
     ids = model.tokenize(prompt)
+    for row in batch:
+        check_changes(model, ids.shape[0], row)
     state = model.run_prompt(ids, zero_bos=False)
     limit = model.context_length
     if limit is not None and ids.shape[0] + max_new_tokens > limit:
@@ -421,13 +446,19 @@ def generate(
             f"prompt ({ids.shape[0]} tokens) + {max_new_tokens} new tokens exceed the context {limit}"
         )
     sequences = ids[None].expand(len(batch), -1).clone()
-    generator = torch.Generator().manual_seed(seed)
+    # one generator per row: a row samples the same tokens whatever else is in the batch
+    generators = [torch.Generator().manual_seed(seed) for _ in batch]
     for _ in range(max_new_tokens):
         result = run_with_changes(model, state, sequences, batch, mode, on_new_tokens)
         last = result.logits[:, -1].float()
         if do_sample:
             probs = torch.softmax(last / temperature, -1)
-            token = torch.multinomial(probs, 1, generator=generator)
+            token = torch.stack(
+                [
+                    torch.multinomial(p, 1, generator=g)
+                    for p, g in zip(probs, generators, strict=True)
+                ]
+            )
         else:
             token = last.argmax(-1, keepdim=True)
         sequences = torch.cat([sequences, token], dim=1)
