@@ -59,7 +59,9 @@ class _NormState:
 def _pattern(state: _AttentionState, module, query, key, attention_mask, kwargs) -> torch.Tensor:
     """(batch, heads, q_len, k_len) softmax pattern computed by the family's own function."""
     batch, kv_heads, k_len = key.shape[0], key.shape[1], key.shape[2]
-    eye = torch.eye(k_len, dtype=query.dtype, device=query.device).expand(batch, kv_heads, k_len, k_len)
+    eye = torch.eye(k_len, dtype=query.dtype, device=query.device).expand(
+        batch, kv_heads, k_len, k_len
+    )
     out, _ = state.inner(module, query, key, eye, attention_mask, **kwargs)
     return out.transpose(1, 2)  # (batch, q_len, heads, k_len) -> (batch, heads, q_len, k_len)
 
