@@ -4,9 +4,10 @@ Fixture: a random Llama-architecture model (6 layers, d_model 256) with a per-la
 transcoder set of 4,096 features per layer, made sparse with per-feature thresholds at a high
 quantile of random-token pre-activations (`--density`; on the benchmark prompt about 0.5% of
 features fire per token and layer, ~6,000 active features, the order of the reference tool's
-4,270 at 64 tokens), and a 48-token prompt. The floor is `n_backward x (one forward + backward of the frozen model)` at
-the same batch size, measured in this process; targets: ratio <= 1.5, and peak memory (growth over
-the process before the run) <= 2 x dense adjacency + model + transcoders.
+4,270 at 64 tokens), and a 48-token prompt. The floor is
+`n_backward x (one forward + backward of the frozen model)` at the same batch size, measured
+in this process; targets: ratio <= 1.5, and peak memory (growth over the process before the run)
+<= 2 x dense adjacency + model + transcoders.
 
     .venv/bin/python benchmarks/attribution.py [--layers 6 --d-model 256 --features 4096 --tokens 48]
 """

@@ -1,0 +1,49 @@
+"""params.yaml validation: the shipped file is valid, bad ones fail naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tracer.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, document) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def shipped() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_shipped_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert set(params.zoo.models) == {"gpt2", "llama", "gemma2"}
+    assert {s.kind for s in params.zoo.transcoders.values()} >= {"plt-jumprelu", "clt"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(typo=1), "typo"),
+        (lambda d: d["zoo"].update(colour="red"), "zoo.colour"),
+        (lambda d: d["zoo"]["models"]["gpt2"].update(n_layers=0), "zoo.models.gpt2.n_layers"),
+        (lambda d: d["zoo"]["models"]["gpt2"].update(architecture="rnn"), "architecture"),
+        (lambda d: d["zoo"]["corpus"].update(seed="x"), "zoo.corpus.seed"),
+        (lambda d: d["zoo"]["models"].update({"bad name": d["zoo"]["models"]["gpt2"]}), "bad name"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, edit, message):
+    document = shipped()
+    edit(document)
+    with pytest.raises(ValueError, match=message):
+        load_params(write(tmp_path, document))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="params.yaml"):
+        load_params(tmp_path / "params.yaml")
