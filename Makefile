@@ -1,4 +1,4 @@
-# Two entry points for a fresh clone: `make run` (set up + main job) and `make test`.
+# Two entry points for a fresh clone: `make run` (set up + `dvc repro` + a demo graph) and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/tracer fixture --family gpt2 --kind clt --out outputs/fixture
-	$(VENV)/bin/tracer attribute --model outputs/fixture/model --transcoders outputs/fixture/transcoders \
-		--prompt "the capital of the state containing Dallas is" --out outputs/demo.safetensors
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	$(VENV)/bin/tracer attribute --model zoo/models/gpt2 --transcoders zoo/transcoders/gpt2/clt \
+		--prompt "the capital of the state containing tampa is" --out outputs/demo.safetensors --quiet
 	$(VENV)/bin/tracer prune outputs/demo.safetensors --json outputs/demo.json
 	$(VENV)/bin/tracer score outputs/demo.safetensors
 
