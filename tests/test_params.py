@@ -35,6 +35,17 @@ def test_shipped_params_are_valid():
         (lambda d: d["zoo"]["models"]["gpt2"].update(architecture="rnn"), "architecture"),
         (lambda d: d["zoo"]["corpus"].update(seed="x"), "zoo.corpus.seed"),
         (lambda d: d["zoo"]["models"].update({"bad name": d["zoo"]["models"]["gpt2"]}), "bad name"),
+        (lambda d: d["pruning"].update(node_threshold=1.5), "pruning.node_threshold"),
+        (lambda d: d["pruning"].update(sweep=[[0.5, 1.5]]), "sweep thresholds"),
+        (lambda d: d["profiles"]["gpt2-clt"].update(model="zoo/models/nope"), "gpt2-clt.model"),
+        (lambda d: d["prompts"].append(dict(d["prompts"][0])), "duplicate id"),
+        (
+            lambda d: [p.update(enabled=False) for p in d["profiles"].values()],
+            "every profile is disabled",
+        ),
+        (lambda d: d["attribution"].update(max_feature_nodes=0), "attribution.max_feature_nodes"),
+        (lambda d: d["profiles"]["gpt2-clt"].update(dtype="float16"), "gpt2-clt.dtype"),
+        (lambda d: d.update(prompts=[]), "prompts"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, edit, message):

@@ -7,6 +7,7 @@ with the offending key's dotted path in the message.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,8 +39,83 @@ class ZooParams(_Strict):
         return self
 
 
+class Profile(_Strict):
+    """A model and a transcoder set to attribute with: local folders (the zoo) or hub ids."""
+
+    model: str = Field(min_length=1, description="model folder or hub id")
+    transcoders: str = Field(min_length=1, description="transcoder folder or hf:// URI")
+    revision: str | None = None
+    transcoder_revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    enabled: bool = True
+
+
+class PromptSpec(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="letters, digits, '-' or '_'")
+    text: str = Field(min_length=1)
+    targets: list[str] | None = Field(None, min_length=1, description="custom logit tokens")
+
+
+class AttributionParams(_Strict):
+    max_feature_nodes: int | None = Field(None, ge=1)
+    batch_size: int = Field(256, ge=1)
+    max_n_logits: int = Field(10, ge=1)
+    desired_logit_prob: float = Field(0.95, gt=0, le=1)
+
+
+class PruningParams(_Strict):
+    node_threshold: float = Field(0.8, ge=0, le=1)
+    edge_threshold: float = Field(0.98, ge=0, le=1)
+    sweep: list[tuple[float, float]] = Field(
+        default_factory=list, description="(node, edge) threshold pairs for the pruning curve"
+    )
+
+    @model_validator(mode="after")
+    def _sweep_in_range(self) -> PruningParams:
+        for node, edge in self.sweep:
+            if not (0 <= node <= 1 and 0 <= edge <= 1):
+                raise ValueError(f"sweep thresholds must be in [0, 1], got ({node}, {edge})")
+        return self
+
+
+class TrackingParams(_Strict):
+    experiment: str = Field("tracer", min_length=1)
+
+
 class Params(_Strict):
     zoo: ZooParams
+    profiles: dict[str, Profile]
+    prompts: list[PromptSpec] = Field(min_length=1)
+    attribution: AttributionParams = AttributionParams()
+    pruning: PruningParams = PruningParams()
+    tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        ids = [p.id for p in self.prompts]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(
+                f"prompts: duplicate id(s) {duplicates}; each prompt id must be unique"
+            )
+        if not any(p.enabled for p in self.profiles.values()):
+            raise ValueError("profiles: every profile is disabled; enable at least one")
+        for name, profile in self.profiles.items():
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"profiles: name {name!r} must be letters, digits, '-' or '_'")
+            if profile.enabled:
+                for key in ("model", "transcoders"):
+                    value = getattr(profile, key)
+                    if _looks_local(value) and not Path(value).exists():
+                        raise ValueError(
+                            f"profiles.{name}.{key}: local path {value!r} does not exist "
+                            "(give an existing folder, a hub id or an hf:// URI)"
+                        )
+        return self
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith(("./", "/", "~", "../", "zoo/", "outputs/"))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
