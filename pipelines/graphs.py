@@ -20,6 +20,17 @@ from tracer.viewer import to_viewer_json, write_json
 from tracer.zoo.layout import write_folder
 
 OUT = Path("outputs/profiles")
+METRICS = Path("outputs/metrics")  # one small file per profile for `dvc metrics show`
+PLOTS = Path("outputs/plots")  # pruning curves for `dvc plots show`
+SUMMARY_KEYS = (
+    "replacement",
+    "completeness",
+    "pruned_replacement",
+    "pruned_completeness",
+    "pruned_nodes",
+    "pruned_edges",
+    "active_features",
+)
 
 
 def pruning_curve(graph: Graph, sweep: list[tuple[float, float]]) -> list[dict]:
@@ -65,7 +76,7 @@ def plot_curve(curve: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_prompt(model: ReplacementModel, params: Params, profile: str, spec, folder: Path) -> None:
+def run_prompt(model: ReplacementModel, params: Params, profile: str, spec, folder: Path) -> dict:
     settings = params.attribution
     start = time.perf_counter()
     graph = attribute(
@@ -95,26 +106,25 @@ def run_prompt(model: ReplacementModel, params: Params, profile: str, spec, fold
     curve = pruning_curve(graph, pruning.sweep)
     if curve:
         plot_curve(curve, folder / "pruning_curve.png", f"{profile} / {spec.id}")
-    write_json(
-        {
-            "replacement": full.replacement,
-            "completeness": full.completeness,
-            "pruned_replacement": pruned.replacement,
-            "pruned_completeness": pruned.completeness,
-            "nodes": graph.layout.n_nodes,
-            "edges": int((graph.adjacency_matrix != 0).sum()),
-            "pruned_nodes": int(result.node_mask.sum()),
-            "pruned_edges": int(result.edge_mask.sum()),
-            "active_features": int(graph.active_features.shape[0]),
-            "selected_features": graph.layout.n_features,
-            "node_threshold": pruning.node_threshold,
-            "edge_threshold": pruning.edge_threshold,
-            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "seconds": seconds,
-            "curve": curve,
-        },
-        folder / "scores.json",
-    )
+    scores = {
+        "replacement": full.replacement,
+        "completeness": full.completeness,
+        "pruned_replacement": pruned.replacement,
+        "pruned_completeness": pruned.completeness,
+        "nodes": graph.layout.n_nodes,
+        "edges": int((graph.adjacency_matrix != 0).sum()),
+        "pruned_nodes": int(result.node_mask.sum()),
+        "pruned_edges": int(result.edge_mask.sum()),
+        "active_features": int(graph.active_features.shape[0]),
+        "selected_features": graph.layout.n_features,
+        "node_threshold": pruning.node_threshold,
+        "edge_threshold": pruning.edge_threshold,
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "seconds": seconds,
+        "curve": curve,
+    }
+    write_json(scores, folder / "scores.json")
+    return scores
 
 
 def main(name: str) -> None:
@@ -122,6 +132,8 @@ def main(name: str) -> None:
     if name not in params.profiles:
         raise SystemExit(f"unknown profile {name!r}; params.yaml defines {sorted(params.profiles)}")
     profile = params.profiles[name]
+
+    results: dict[str, dict] = {}
 
     def fill(folder: Path) -> None:
         write_json({"name": name, **profile.model_dump()}, folder / "profile.json")
@@ -136,10 +148,14 @@ def main(name: str) -> None:
         )
         for spec in params.prompts:
             (folder / spec.id).mkdir()
-            run_prompt(model, params, name, spec, folder / spec.id)
+            results[spec.id] = run_prompt(model, params, name, spec, folder / spec.id)
             print(f"{name}/{spec.id}: done")
 
     write_folder(OUT / name, fill)
+    summary = {prompt: {k: r[k] for k in SUMMARY_KEYS} for prompt, r in results.items()}
+    write_json(summary, METRICS / f"{name}.json")
+    curve = [dict(point, prompt=prompt) for prompt, r in results.items() for point in r["curve"]]
+    write_json(curve, PLOTS / f"{name}.json")
 
 
 if __name__ == "__main__":
