@@ -1,0 +1,42 @@
+"""DVC stage track: log the pipeline's graphs, scores and plots to MLflow (new results only).
+
+The store is `MLFLOW_TRACKING_URI` if set, else `mlflow.db` (sqlite) at the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tracer.params import load_params
+from tracer.tracking import ensure_store, git_tags, log_pipeline, tracking_uri
+from tracer.viewer import write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=REPO_ROOT / "outputs", help="stage outputs")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (params.yaml)")
+    parser.add_argument("--summary", type=Path, help="also write the summary JSON here")
+    args = parser.parse_args(argv)
+    if args.experiment is None:
+        args.experiment = load_params(REPO_ROOT / "params.yaml").tracking.experiment
+    uri = tracking_uri(REPO_ROOT / "mlflow.db")
+    ensure_store(uri, args.experiment)
+    summary = log_pipeline(
+        args.root,
+        experiment=args.experiment,
+        uri=uri,
+        tags=git_tags(REPO_ROOT),
+        dvc_lock=REPO_ROOT / "dvc.lock",
+    )
+    print(json.dumps(summary, indent=2))
+    if args.summary is not None:
+        write_json(summary, args.summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""MLflow tracking of pipeline outputs: real tiny graphs written in the prune stage's layout, logged
+to a sqlite store, a real `mlflow server` and two concurrent writers, read back and compared with
+numbers recomputed from the graph files."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import runpy
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from tracer import tracking
+from tracer.attribute import attribute
+from tracer.fixtures import build_model, build_tokenizer, build_transcoders
+from tracer.graph import Graph
+from tracer.replacement import ReplacementModel
+from tracer.tracking import (
+    RUN_KEY_TAG,
+    dvc_stage_tags,
+    ensure_store,
+    file_sha256,
+    log_pipeline,
+    run_key,
+    tracking_uri,
+)
+from tracer.viewer import to_viewer_json, write_json
+
+MLFLOW = Path(sys.executable).with_name("mlflow")
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+GRAPHS_STAGE = runpy.run_path(str(PIPELINES / "graphs.py"))  # its scores.json curve writer
+PROMPTS = {"capital": "the capital of the state containing Dallas is", "short": "the state of"}
+PROFILES = {"tiny-plt": "plt-relu", "tiny-clt": "clt"}
+CURVE = [(0.5, 0.9), (0.8, 0.98), (0.95, 0.995)]
+THRESHOLDS = (0.8, 0.98)
+PARENT_TAG = "mlflow.parentRunId"
+
+
+# ---- the prune stage's files, written with tracer's own functions ------------------------------
+def write_prompt_dir(graph: Graph, directory: Path, *, plot: bool) -> None:
+    start = time.perf_counter()
+    result = graph.prune(*THRESHOLDS)
+    full, pruned = graph.scores(), graph.scores(result)
+    seconds = dict(graph.metadata["timings"]) | {"prune": time.perf_counter() - start}
+    scores = {
+        "replacement": full.replacement,
+        "completeness": full.completeness,
+        "pruned_replacement": pruned.replacement,
+        "pruned_completeness": pruned.completeness,
+        "nodes": graph.layout.n_nodes,
+        "edges": int((graph.adjacency_matrix != 0).sum()),
+        "pruned_nodes": int(result.node_mask.sum()),
+        "pruned_edges": int(result.edge_mask.sum()),
+        "active_features": graph.active_features.shape[0],
+        "selected_features": graph.selected_features.shape[0],
+        "node_threshold": THRESHOLDS[0],
+        "edge_threshold": THRESHOLDS[1],
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "seconds": seconds | {"total": sum(seconds.values())},
+        "curve": GRAPHS_STAGE["pruning_curve"](graph, CURVE),
+    }
+    graph.save(directory / "graph.safetensors")
+    write_json(to_viewer_json(graph, result, slug=directory.name), directory / "pruned.json")
+    write_json(scores, directory / "scores.json")
+    if plot:  # any bytes do: the tracker uploads the file as it is
+        (directory / "pruning_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+
+
+def write_profile(root: Path, name: str, model: ReplacementModel, *, enabled: bool = True) -> None:
+    profile_dir = root / "profiles" / name
+    profile = {
+        "name": name,
+        "model": model.model_id,
+        "revision": None,
+        "transcoders": f"fixtures/{name}",
+        "transcoder_revision": "v1",
+        "dtype": "float32",
+        "enabled": enabled,
+    }
+    write_json(profile, profile_dir / "profile.json")
+    for index, (prompt_id, prompt) in enumerate(PROMPTS.items()):
+        graph = attribute(prompt, model, max_n_logits=3, progress=False)
+        write_prompt_dir(graph, profile_dir / prompt_id, plot=index == 0)
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 enabled profiles x 2 prompts, a disabled profile and two compare tables."""
+    root = tmp_path_factory.mktemp("pipeline") / "outputs"
+    tokenizer = build_tokenizer()
+    for name, kind in PROFILES.items():
+        model = ReplacementModel(
+            build_model("gpt2", vocab=len(tokenizer)),
+            build_transcoders(kind, n_layers=2, d_model=32),
+            tokenizer=tokenizer,
+            model_id=f"tiny-gpt2-{kind}",
+        )
+        write_profile(root, name, model)
+    write_profile(root, "off", model, enabled=False)
+    (root / "compare").mkdir()
+    (root / "compare" / "scores.csv").write_text("profile,replacement\ntiny-plt,0.5\n")
+    write_json({"rows": 2}, root / "compare" / "scores.json")
+    return root
+
+
+def mlflow_client(uri: str):
+    # Imported here, after tracer.tracking has switched MLflow's telemetry off.
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def copy_root(pipeline_root: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(pipeline_root, tmp_path / "outputs"))
+
+
+def all_runs(client, experiment: str = "tracer") -> list:
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([experiment_id], max_results=1000)
+
+
+def write_dvc_lock(path: Path, root: Path) -> None:
+    """A dvc.lock with the graph stage of each profile and an unrelated stage."""
+    stages = {
+        f"graphs@{name}": {
+            "cmd": f"python pipelines/graphs.py {name}",
+            "deps": [{"path": "tracer/attribute.py", "md5": "a" * 32}],
+            "outs": [{"path": f"{root.name}/profiles/{name}", "md5": f"{i:032d}.dir"}],
+        }
+        for i, name in enumerate(PROFILES)
+    }
+    stages["zoo_corpus"] = {"cmd": "x", "outs": [{"path": "zoo/corpus", "md5": "b" * 32}]}
+    import yaml
+
+    path.write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
+
+
+# ---- sqlite store ------------------------------------------------------------------------------
+def test_runs_hold_params_metrics_artifacts_of_the_files(pipeline_root: Path, tmp_path: Path):
+    root = copy_root(pipeline_root, tmp_path)
+    write_dvc_lock(tmp_path / "dvc.lock", root)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    summary = log_pipeline(
+        root, uri=uri, tags={"mlflow.source.git.commit": "c0ffee"}, dvc_lock=tmp_path / "dvc.lock"
+    )
+    client = mlflow_client(uri)
+    runs = all_runs(client)
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    nested = {
+        f"{r.data.tags['tracer.profile']}/{r.data.tags['tracer.prompt_id']}": r
+        for r in runs
+        if PARENT_TAG in r.data.tags
+    }
+    expected = {f"{p}/{q}" for p in PROFILES for q in PROMPTS}
+    assert len(runs) == 5 and len(parents) == 1 and set(nested) == expected
+    parent = parents[0]
+    assert summary["parent_run_id"] == parent.info.run_id
+    assert summary["disabled_profiles"] == ["off"] and summary["skipped"] == []
+    assert {entry["name"] for entry in summary["logged"]} == expected
+    assert (
+        parent.info.status == "FINISHED"
+        and parent.data.tags["mlflow.source.git.commit"] == "c0ffee"
+    )
+    compare = {f.path for f in client.list_artifacts(parent.info.run_id, "compare")}
+    assert compare == {"compare/scores.csv", "compare/scores.json"}
+
+    for name, run in nested.items():
+        profile, prompt_id = name.split("/")
+        directory = root / "profiles" / profile / prompt_id
+        graph = Graph.load(directory / "graph.safetensors")
+        profile_json = json.loads((directory.parent / "profile.json").read_text())
+        assert run.data.tags[PARENT_TAG] == parent.info.run_id and run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.source.git.commit"] == "c0ffee"
+        key = run_key(
+            profile,
+            prompt_id,
+            (directory / "scores.json").read_bytes(),
+            file_sha256(directory / "graph.safetensors"),
+        )
+        assert run.data.tags[RUN_KEY_TAG] == key
+        assert run.data.tags["tracer.dvc.stages"] == f"graphs@{profile}"
+        assert len(run.data.tags["tracer.dvc.hash"]) == 64
+
+        params = run.data.params
+        for field in ("model", "revision", "transcoders", "transcoder_revision", "dtype"):
+            assert params[field] == str(profile_json[field])
+        for setting, value in graph.metadata["config"].items():
+            assert params[setting] == str(value)
+        assert params["max_n_logits"] == "3" and params["family"] == graph.metadata["family"]
+        assert (params["profile"], params["prompt_id"]) == (profile, prompt_id)
+        assert (float(params["node_threshold"]), float(params["edge_threshold"])) == THRESHOLDS
+
+        # Recomputed from the graph file, not read back from scores.json.
+        metrics = run.data.metrics
+        full, pruned_graph = graph.scores(), graph.prune(*THRESHOLDS)
+        pruned = graph.scores(pruned_graph)
+        assert metrics["replacement"] == pytest.approx(full.replacement, abs=1e-12)
+        assert metrics["completeness"] == pytest.approx(full.completeness, abs=1e-12)
+        assert metrics["pruned_replacement"] == pytest.approx(pruned.replacement, abs=1e-12)
+        assert metrics["pruned_completeness"] == pytest.approx(pruned.completeness, abs=1e-12)
+        assert metrics["nodes"] == graph.layout.n_nodes
+        assert metrics["edges"] == int((graph.adjacency_matrix != 0).sum())
+        assert metrics["pruned_nodes"] == int(pruned_graph.node_mask.sum())
+        assert metrics["pruned_edges"] == int(pruned_graph.edge_mask.sum())
+        assert metrics["active_features"] == graph.active_features.shape[0]
+        assert metrics["selected_features"] == graph.selected_features.shape[0]
+        assert metrics["n_backward"] == graph.metadata["n_backward"]
+        timings = graph.metadata["timings"]
+        for phase, seconds in timings.items():
+            assert metrics[f"seconds_{phase}"] == pytest.approx(seconds, abs=1e-12)
+        assert metrics["total_seconds"] == pytest.approx(
+            sum(timings.values()) + metrics["seconds_prune"], abs=1e-9
+        )
+        history = client.get_metric_history(run.info.run_id, "curve_replacement")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
+        for metric in history:
+            point = graph.scores(graph.prune(*CURVE[metric.step]))
+            assert metric.value == pytest.approx(point.replacement, abs=1e-12)
+
+        artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+        expected_files = {"graph.safetensors", "pruned.json", "scores.json"}
+        if prompt_id == "capital":
+            expected_files.add("pruning_curve.png")
+        assert artifacts == expected_files
+        downloaded = Path(
+            client.download_artifacts(run.info.run_id, "graph.safetensors", str(tmp_path))
+        )
+        assert file_sha256(downloaded) == file_sha256(directory / "graph.safetensors")
+        back = Graph.load(downloaded)
+        assert torch.equal(back.adjacency_matrix, graph.adjacency_matrix)
+        assert back.metadata == graph.metadata
+        downloaded.unlink()
+    assert (tmp_path / "store" / "mlartifacts" / "tracer").is_dir()  # next to the db, not ./mlruns
+
+
+def test_second_call_logs_nothing_and_a_changed_result_one_run(pipeline_root: Path, tmp_path):
+    root = copy_root(pipeline_root, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = log_pipeline(root, uri=uri)
+    client = mlflow_client(uri)
+    assert len(first["logged"]) == 4 and len(all_runs(client)) == 5
+
+    again = log_pipeline(root, uri=uri)
+    assert again["parent_run_id"] is None and again["logged"] == []
+    assert sorted(again["skipped"]) == sorted(e["name"] for e in first["logged"])
+    assert len(all_runs(client)) == 5
+
+    scores_path = root / "profiles" / "tiny-clt" / "short" / "scores.json"
+    scores = json.loads(scores_path.read_text())
+    write_json(scores | {"seconds": scores["seconds"] | {"prune": 1.5}}, scores_path)
+    third = log_pipeline(root, uri=uri)
+    assert [e["name"] for e in third["logged"]] == ["tiny-clt/short"]
+    runs = all_runs(client)
+    assert len(runs) == 7
+    new_run = client.get_run(third["logged"][0]["run_id"])
+    assert new_run.data.tags[PARENT_TAG] == third["parent_run_id"]
+    assert new_run.data.metrics["seconds_prune"] == 1.5
+
+
+def test_disabled_profile_is_skipped(pipeline_root: Path, tmp_path: Path):
+    root = tmp_path / "outputs"
+    shutil.copytree(pipeline_root / "profiles" / "off", root / "profiles" / "off")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = log_pipeline(root, uri=uri)
+    assert summary["disabled_profiles"] == ["off"] and summary["logged"] == []
+    assert summary["parent_run_id"] is None
+    assert all_runs(mlflow_client(uri)) == []
+
+
+def test_an_interrupted_run_is_logged_again(
+    pipeline_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    root = tmp_path / "outputs"
+    shutil.copytree(pipeline_root / "profiles" / "tiny-plt", root / "profiles" / "tiny-plt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_result = tracking._log_result
+
+    def interrupted(client, run_id, result):
+        if result.name == "tiny-plt/short":
+            raise ConnectionError("store went away")
+        log_result(client, run_id, result)
+
+    monkeypatch.setattr(tracking, "_log_result", interrupted)
+    with pytest.raises(ConnectionError):
+        log_pipeline(root, uri=uri)
+    client = mlflow_client(uri)
+    assert sorted(r.info.status for r in all_runs(client)) == ["FAILED", "FAILED", "FINISHED"]
+    monkeypatch.setattr(tracking, "_log_result", log_result)
+    summary = log_pipeline(root, uri=uri)
+    assert [e["name"] for e in summary["logged"]] == ["tiny-plt/short"]
+    assert summary["skipped"] == ["tiny-plt/capital"]
+
+
+def test_a_score_that_is_not_a_number_is_refused(pipeline_root: Path, tmp_path: Path):
+    root = tmp_path / "outputs"
+    shutil.copytree(pipeline_root / "profiles" / "tiny-plt", root / "profiles" / "tiny-plt")
+    path = root / "profiles" / "tiny-plt" / "short" / "scores.json"
+    write_json(json.loads(path.read_text()) | {"replacement": "high"}, path)
+    with pytest.raises(ValueError, match="short/scores.json: replacement must be a number"):
+        log_pipeline(root, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_missing_contract_file_names_the_path(pipeline_root: Path, tmp_path: Path):
+    root = copy_root(pipeline_root, tmp_path)
+    (root / "profiles" / "tiny-plt" / "capital" / "pruned.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tiny-plt/capital/pruned.json"):
+        log_pipeline(root, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(FileNotFoundError, match="nowhere/profiles does not exist"):
+        log_pipeline(tmp_path / "nowhere", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_dvc_stage_tags_match_the_profile_not_its_prefix(tmp_path: Path):
+    root = tmp_path / "outputs"
+    write_dvc_lock(tmp_path / "dvc.lock", root)
+    tags = dvc_stage_tags(tmp_path / "dvc.lock", "tiny-plt", root / "profiles" / "tiny-plt")
+    assert tags["tracer.dvc.stages"] == "graphs@tiny-plt"
+    other = dvc_stage_tags(tmp_path / "dvc.lock", "tiny-clt", root / "profiles" / "tiny-clt")
+    assert other["tracer.dvc.hash"] != tags["tracer.dvc.hash"]
+    assert dvc_stage_tags(tmp_path / "dvc.lock", "tiny", root / "profiles" / "tiny") == {}
+
+
+def test_tracking_uri_prefers_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(tmp_path / "m.db") == f"sqlite:///{(tmp_path / 'm.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking_uri(tmp_path / "m.db") == "http://127.0.0.1:1"
+
+
+def test_track_script_prints_the_summary(
+    pipeline_root: Path, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture
+):
+    root = copy_root(pipeline_root, tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    track = runpy.run_path(str(PIPELINES / "track.py"))
+    track["main"](["--root", str(root)])
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["logged"]) == 4 and summary["parent_run_id"]
+    parent = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).get_run(summary["parent_run_id"])
+    assert "mlflow.source.git.commit" in parent.data.tags  # the repository is a git checkout
+
+
+# ---- concurrent writers ------------------------------------------------------------------------
+WRITER = """
+import sys
+from tracer.tracking import log_pipeline
+log_pipeline(sys.argv[1], uri=sys.argv[2])
+"""
+
+
+def test_parallel_writers_to_one_prepared_sqlite_store(pipeline_root: Path, tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    ensure_store(uri)
+    roots = []
+    for name in ("writer-a", "writer-b"):
+        root = tmp_path / name
+        shutil.copytree(pipeline_root / "profiles" / "tiny-plt", root / "profiles" / name)
+        roots.append(root)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(root), uri], env=env) for root in roots
+    ]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    runs = all_runs(mlflow_client(uri))
+    assert len(runs) == 2 * (1 + len(PROMPTS))
+    assert {r.data.tags.get("tracer.profile") for r in runs} == {None, "writer-a", "writer-b"}
+
+
+# ---- a real tracking server --------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """`mlflow server` on a free loopback port, artifacts proxied to a tmp folder; its URI."""
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    command = [
+        str(MLFLOW),
+        "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination", str(tmp_path / "artifacts"),
+    ]  # fmt: skip
+    env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"}
+    # Its own session, so stopping it also stops the uvicorn worker it starts.
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(tmp_path / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("mlflow server did not answer /health within 90 s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_logs_to_a_real_server(pipeline_root: Path, tmp_path: Path, mlflow_server: str):
+    root = tmp_path / "outputs"
+    shutil.copytree(pipeline_root / "profiles" / "tiny-clt", root / "profiles" / "tiny-clt")
+    summary = log_pipeline(root, uri=mlflow_server)
+    assert len(summary["logged"]) == 2
+    client = mlflow_client(mlflow_server)
+    runs = all_runs(client)
+    assert len(runs) == 3
+    for entry in summary["logged"]:
+        run = client.get_run(entry["run_id"])
+        directory = root / "profiles" / entry["name"]
+        expected = Graph.load(directory / "graph.safetensors").scores().replacement
+        assert run.data.metrics["replacement"] == pytest.approx(expected, abs=1e-12)
+        graph_file = client.download_artifacts(
+            entry["run_id"], "graph.safetensors", str(tmp_path / entry["name"].replace("/", "-"))
+        )
+        assert file_sha256(graph_file) == file_sha256(directory / "graph.safetensors")
+    assert any((tmp_path / "artifacts").rglob("graph.safetensors"))  # proxied to the server
+    assert log_pipeline(root, uri=mlflow_server)["logged"] == []

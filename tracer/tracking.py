@@ -1,0 +1,401 @@
+"""MLflow adapter: log the files the pipeline wrote, one parent run per pipeline execution.
+
+The only module that imports mlflow; the library core never calls it. Input, per profile and
+prompt, is what the prune stage writes under `<root>/profiles/{profile}/{prompt_id}/`
+(`graph.safetensors`, `pruned.json`, `scores.json`, optional `pruning_curve.png`) next to
+`<root>/profiles/{profile}/profile.json`; compare tables are `<root>/compare/*.csv|json`.
+
+Each (profile, prompt) becomes a nested run keyed by the tag `tracer.run_key` (a sha256 of the
+profile, the prompt id, the scores.json bytes and the graph file's sha256). A run that already
+finished with the same key is not logged again, and a pipeline with nothing new creates no
+parent run, so a repeated `dvc repro` logs nothing. Runs are written with an explicit
+`MlflowClient`, never the fluent API's global active run, so several callers in one process
+cannot step on each other.
+
+Names, fixed so MLflow's compare view lines runs up across profiles:
+- params: profile, model, revision, transcoders, transcoder_revision, dtype, family, prompt_id,
+  node_threshold, edge_threshold, and every attribution setting of `graph.metadata["config"]`
+  under its own name (max_n_logits, desired_logit_prob, batch_size, ...).
+- metrics: SCORE_METRICS below, n_backward, seconds_<phase> for each phase of scores.json
+  "seconds" except "total", total_seconds (that "total", else the phases' sum), and the pruning
+  curve as the series curve_<field> with step = the curve point's index.
+- tags: tracer.run_key, tracer.profile, tracer.prompt_id, tracer.version (the library version
+  that wrote the graph), mlflow.source.git.commit / mlflow.source.git.dirty (from `git_tags`),
+  tracer.dvc.stages (the dvc.lock stages of this profile, comma-joined) and tracer.dvc.hash
+  (sha256 over their sorted "stage path md5" lines for deps and outs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from safetensors import SafetensorError, safe_open
+
+from tracer.graph import FORMAT, library_version
+
+# Before mlflow is imported: it sets up its telemetry client at import time.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY, MLFLOW_PARENT_RUN_ID  # noqa: E402
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH  # noqa: E402
+
+RUN_KEY_TAG = "tracer.run_key"
+PROFILE_FIELDS = ("model", "revision", "transcoders", "transcoder_revision", "dtype")
+SCORE_METRICS = (
+    "replacement",
+    "completeness",
+    "pruned_replacement",
+    "pruned_completeness",
+    "nodes",
+    "edges",
+    "pruned_nodes",
+    "pruned_edges",
+    "active_features",
+    "selected_features",
+    "peak_memory_bytes",
+)
+CURVE_FIELDS = (
+    "node_threshold",
+    "edge_threshold",
+    "nodes",
+    "edges",
+    "replacement",
+    "completeness",
+)
+ARTIFACTS = ("graph.safetensors", "pruned.json", "scores.json")
+OPTIONAL_ARTIFACTS = ("pruning_curve.png",)
+
+
+# ---- the store ---------------------------------------------------------------------------------
+def tracking_uri(default_path: str | Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a sqlite store at `default_path` (made absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(default_path).resolve()}"
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a sqlite store live next to its file (MLflow would use ./mlruns of the cwd);
+    a server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+
+
+def ensure_store(uri: str, experiment: str = "tracer") -> str:
+    """Create the store's schema and the experiment once; returns the experiment id.
+
+    Call this before any fan-out: processes that first touch a new sqlite file together race to
+    create its schema and lose runs."""
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment, _artifact_location(uri, experiment))
+    except MlflowException:  # another writer created it between our two calls
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+# ---- provenance --------------------------------------------------------------------------------
+def git_tags(repo: str | Path) -> dict[str, str]:
+    """The commit of `repo` and whether its tree is dirty; empty outside a git checkout."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=repo, capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    tags = {MLFLOW_GIT_COMMIT: commit.strip()}
+    if status is not None:
+        tags[MLFLOW_GIT_DIRTY] = str(bool(status.strip())).lower()
+    return tags
+
+
+def dvc_stage_tags(dvc_lock: str | Path, profile: str, profile_dir: str | Path) -> dict[str, str]:
+    """Tags naming the dvc.lock stages that belong to `profile` and a hash of their deps/outs.
+
+    A stage belongs to the profile when its foreach key (after `@`) is the profile name or one of
+    its outs lies inside `profile_dir`; dvc.lock paths are relative to the lock file's folder."""
+    lock_path = Path(dvc_lock)
+    stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages") or {}
+    try:
+        inside = Path(profile_dir).resolve().relative_to(lock_path.parent.resolve()).as_posix()
+    except ValueError:
+        inside = None
+    lines: list[str] = []
+    names: list[str] = []
+    for name, stage in sorted(stages.items()):
+        entries = [*(stage.get("deps") or []), *(stage.get("outs") or [])]
+        outs = [entry["path"] for entry in stage.get("outs") or []]
+        owns = inside is not None and any(p == inside or p.startswith(f"{inside}/") for p in outs)
+        if name.partition("@")[2] != profile and not owns:
+            continue
+        names.append(name)
+        lines += sorted(f"{name} {e['path']} {e.get('md5', '')}" for e in entries)
+    if not names:
+        return {}
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return {"tracer.dvc.stages": ",".join(names), "tracer.dvc.hash": digest}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_key(profile: str, prompt_id: str, scores_json: bytes, graph_sha256: str) -> str:
+    """The identity of one logged result: same key, same numbers and same graph file."""
+    parts = [profile, prompt_id, hashlib.sha256(scores_json).hexdigest(), graph_sha256]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+# ---- reading the pipeline's files --------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptResult:
+    """One (profile, prompt) directory of the prune stage, read and checked."""
+
+    profile: str
+    prompt_id: str
+    directory: Path
+    profile_info: dict
+    scores: dict
+    graph_header: dict  # the tracer header of graph.safetensors
+    run_key: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.profile}/{self.prompt_id}"
+
+
+def read_graph_header(path: Path) -> dict:
+    """The tracer header of a graph file, without loading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("tracer")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"graph file {path} is corrupt or truncated: {err}") from err
+    header = json.loads(raw) if raw is not None else None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tracer graph ({FORMAT})")
+    return header
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; the prune stage writes it")
+    document = json.loads(path.read_text())
+    if not isinstance(document, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(document).__name__}")
+    return document
+
+
+def find_results(root: str | Path) -> tuple[list[PromptResult], list[str]]:
+    """Every (profile, prompt) result under `root/profiles`, and the names of disabled profiles.
+
+    A prompt directory is a subdirectory of a profile holding a scores.json."""
+    profiles = Path(root) / "profiles"
+    if not profiles.is_dir():
+        raise FileNotFoundError(f"{profiles} does not exist; the pipeline's graph stages write it")
+    results: list[PromptResult] = []
+    disabled: list[str] = []
+    for profile_dir in sorted(p for p in profiles.glob("*") if p.is_dir()):
+        info = _read_json(profile_dir / "profile.json")
+        missing = [f for f in ("enabled", *PROFILE_FIELDS) if f not in info]
+        if missing:
+            raise ValueError(f"{profile_dir / 'profile.json'} lacks {missing}")
+        if not info["enabled"]:
+            disabled.append(profile_dir.name)
+            continue
+        for prompt_dir in sorted(p for p in profile_dir.glob("*") if (p / "scores.json").is_file()):
+            results.append(_read_result(profile_dir.name, prompt_dir, info))
+    return results, disabled
+
+
+def _read_result(profile: str, directory: Path, info: dict) -> PromptResult:
+    for name in ARTIFACTS:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} does not exist; the prune stage writes it")
+    scores_bytes = (directory / "scores.json").read_bytes()
+    scores = _read_json(directory / "scores.json")
+    missing = [k for k in (*SCORE_METRICS, "node_threshold", "edge_threshold") if k not in scores]
+    if missing:
+        raise ValueError(f"{directory / 'scores.json'} lacks {missing}")
+    graph_path = directory / "graph.safetensors"
+    key = run_key(profile, directory.name, scores_bytes, file_sha256(graph_path))
+    return PromptResult(
+        profile, directory.name, directory, info, scores, read_graph_header(graph_path), key
+    )
+
+
+# ---- what one nested run records ---------------------------------------------------------------
+def run_params(result: PromptResult) -> dict[str, str]:
+    graph_meta = result.graph_header["metadata"]
+    params = {"profile": result.profile, "prompt_id": result.prompt_id}
+    params |= {f: result.profile_info[f] for f in PROFILE_FIELDS}
+    params["family"] = graph_meta.get("family")
+    params["node_threshold"] = result.scores["node_threshold"]
+    params["edge_threshold"] = result.scores["edge_threshold"]
+    config = graph_meta.get("config") or {}
+    clashes = sorted(set(config) & set(params))
+    if clashes:
+        raise ValueError(f"attribution settings {clashes} clash with run params of the same name")
+    params |= config
+    return {k: str(v) for k, v in params.items()}
+
+
+def run_metrics(result: PromptResult) -> list[Metric]:
+    """The run's metrics with `step` 0, and the pruning curve as series over its point index."""
+    now = int(time.time() * 1000)
+    values: dict[str, object] = {k: result.scores[k] for k in SCORE_METRICS}
+    values["n_backward"] = result.graph_header["metadata"].get("n_backward")
+    seconds = dict(result.scores.get("seconds") or {})
+    total = seconds.pop("total", None)
+    values |= {f"seconds_{phase}": s for phase, s in seconds.items()}
+    values["total_seconds"] = sum(seconds.values()) if total is None else total
+    metrics = [Metric(k, _number(k, v, result), now, 0) for k, v in values.items() if v is not None]
+    for step, point in enumerate(result.scores.get("curve") or []):
+        metrics += [
+            Metric(f"curve_{f}", _number(f"curve[{step}].{f}", point[f], result), now, step)
+            for f in CURVE_FIELDS
+            if f in point
+        ]
+    return metrics
+
+
+def _number(key: str, value: object, result: PromptResult) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(
+            f"{result.directory / 'scores.json'}: {key} must be a number, got {value!r}"
+        )
+    return float(value)
+
+
+def run_tags(result: PromptResult, tags: dict[str, str], dvc_lock: Path | None) -> dict[str, str]:
+    extra = dict(tags)
+    extra |= {
+        RUN_KEY_TAG: result.run_key,
+        "tracer.profile": result.profile,
+        "tracer.prompt_id": result.prompt_id,
+        "tracer.version": str(result.graph_header.get("library_version")),
+    }
+    if dvc_lock is not None and dvc_lock.is_file():
+        extra |= dvc_stage_tags(dvc_lock, result.profile, result.directory.parent)
+    return extra
+
+
+# ---- logging -----------------------------------------------------------------------------------
+def log_pipeline(
+    root: str | Path,
+    *,
+    experiment: str = "tracer",
+    uri: str | None = None,
+    tags: dict[str, str] | None = None,
+    dvc_lock: str | Path | None = None,
+) -> dict:
+    """Log every new (profile, prompt) result under `root` as a nested run of one parent run.
+
+    `tags` go on the parent and every nested run; `dvc_lock` adds each profile's stage hashes.
+    Returns {"experiment_id", "parent_run_id" (None when nothing was new), "logged": [{"name",
+    "run_id"}], "skipped": [names already logged], "disabled_profiles": [names]}."""
+    uri = uri or tracking_uri("mlflow.db")
+    tags = dict(tags or {})
+    lock = Path(dvc_lock) if dvc_lock is not None else None
+    results, disabled = find_results(root)
+    experiment_id = ensure_store(uri, experiment)
+    client = MlflowClient(tracking_uri=uri)
+    new = [r for r in results if not _already_logged(client, experiment_id, r.run_key)]
+    summary: dict = {
+        "experiment_id": experiment_id,
+        "parent_run_id": None,
+        "logged": [],
+        "skipped": [r.name for r in results if r.run_key not in {n.run_key for n in new}],
+        "disabled_profiles": disabled,
+    }
+    if not new:
+        return summary
+    parent_tags = tags | {"tracer.version": library_version()}
+    with _run(client, experiment_id, "pipeline", parent_tags) as parent_id:
+        summary["parent_run_id"] = parent_id
+        client.log_batch(parent_id, params=[Param("root", str(Path(root).resolve()))])
+        for table in _compare_tables(root):
+            client.log_artifact(parent_id, str(table), "compare")
+        for result in new:
+            child_tags = run_tags(result, tags, lock) | {MLFLOW_PARENT_RUN_ID: parent_id}
+            with _run(client, experiment_id, result.name, child_tags) as run_id:
+                _log_result(client, run_id, result)
+            summary["logged"].append({"name": result.name, "run_id": run_id})
+    return summary
+
+
+def _already_logged(client: MlflowClient, experiment_id: str, key: str) -> bool:
+    """A finished run with this key exists; a failed or interrupted one is logged again."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    return len(found) > 0
+
+
+@contextmanager
+def _run(client: MlflowClient, experiment_id: str, name: str, tags: dict) -> Iterator[str]:
+    """A run that ends FINISHED, or FAILED if logging raised (so it is logged again next time)."""
+    run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    status = RunStatus.FAILED
+    try:
+        for batch in _chunks(
+            [RunTag(k, str(v)) for k, v in tags.items()], MAX_PARAMS_TAGS_PER_BATCH
+        ):
+            client.log_batch(run_id, tags=batch)
+        yield run_id
+        status = RunStatus.FINISHED
+    finally:
+        client.set_terminated(run_id, RunStatus.to_string(status))
+
+
+def _log_result(client: MlflowClient, run_id: str, result: PromptResult) -> None:
+    params = [Param(k, v) for k, v in run_params(result).items()]
+    for batch in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=batch)
+    for batch in _chunks(run_metrics(result), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=batch)
+    for name in ARTIFACTS + OPTIONAL_ARTIFACTS:
+        if (result.directory / name).is_file():
+            client.log_artifact(run_id, str(result.directory / name))
+
+
+def _compare_tables(root: str | Path) -> list[Path]:
+    folder = Path(root) / "compare"
+    return sorted(p for p in folder.glob("*") if p.is_file() and p.suffix in (".csv", ".json"))
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
