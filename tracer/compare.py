@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tracer.atomic import write_text
 from tracer.graph import Graph
 from tracer.hub import is_hf_uri
 from tracer.transcoder_files import load_transcoders
 from tracer.transcoders import TranscoderSet
-from tracer.validation import _write_atomically  # the CSV writer of validation tables
 from tracer.zoo.layout import write_json
 
 PROFILES_DIR = "profiles"
@@ -367,7 +367,7 @@ def write_csv(rows: list[dict], columns: tuple[str, ...], path: str | Path) -> P
         writer.writeheader()
         writer.writerows(rows)
 
-    return _write_atomically(Path(path), write)
+    return write_text(path, write)
 
 
 def write_tables(

@@ -7,8 +7,6 @@ is the direct effect of source s on target t. Field names follow the reference t
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tracer import pruning
+from tracer.atomic import atomic_path
 
 FORMAT = "tracer.graph/1"
 TENSOR_FIELDS = (
@@ -172,14 +171,8 @@ class Graph:
             "metadata": self.metadata,
         }
         tensors = {name: getattr(self, name).contiguous() for name in TENSOR_FIELDS}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"tracer": json.dumps(header)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"tracer": json.dumps(header)})
         return path
 
     @classmethod

@@ -27,14 +27,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from tracer.atomic import write_text
 from tracer.graph import Graph, LogitTarget
 from tracer.interventions import MODES, FeatureChange, run_with_changes
 from tracer.pruning import PruneResult
@@ -74,27 +73,14 @@ class ValidationReport:
             writer.writeheader()
             writer.writerows(self.rows)
 
-        return _write_atomically(Path(path), write)
+        return write_text(path, write)
 
     def to_json(self, path: str | Path) -> Path:
         """Write `{metadata, summary, rows}` as JSON (NaN as null), atomically."""
         document = json_safe(
             {"metadata": self.metadata, "summary": self.summary, "rows": self.rows}
         )
-        return _write_atomically(Path(path), lambda h: json.dump(document, h, indent=1))
-
-
-def _write_atomically(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return write_text(path, lambda h: json.dump(document, h, indent=1))
 
 
 def json_safe(value):

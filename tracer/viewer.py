@@ -12,11 +12,9 @@ unambiguous; ids of the scheme are otherwise kept exactly.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
+from tracer import atomic
 from tracer.graph import Graph, library_version
 from tracer.pruning import PruneResult
 
@@ -142,15 +140,5 @@ def to_viewer_json(
 
 
 def write_json(document: dict, path: str | Path) -> Path:
-    """Write JSON atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(document, handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write a viewer document atomically (temporary name, then rename)."""
+    return atomic.write_json(path, document)

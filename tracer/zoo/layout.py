@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from tracer.atomic import atomic_path
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ZOO = REPO_ROOT / "zoo"
 
@@ -49,17 +51,9 @@ def write_folder(target: Path, fill: Callable[[Path], None]) -> Path:
 
 
 def write_json(path: Path, document: dict) -> Path:
-    """Write JSON atomically (temporary name, then rename), sorted keys for stable diffs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(document, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write JSON atomically, indented with sorted keys for stable diffs."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     return path
 
 
