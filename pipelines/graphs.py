@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from tracer.attribute import attribute
-from tracer.graph import Graph
 from tracer.params import Params, load_params
 from tracer.replacement import ReplacementModel
+from tracer.report import prompt_report
 from tracer.viewer import to_viewer_json, write_json
 from tracer.zoo.layout import write_folder
 
@@ -31,24 +31,6 @@ SUMMARY_KEYS = (
     "pruned_edges",
     "active_features",
 )
-
-
-def pruning_curve(graph: Graph, sweep: list[tuple[float, float]]) -> list[dict]:
-    curve = []
-    for node, edge in sweep:
-        result = graph.prune(node, edge)
-        scores = graph.scores(result)
-        curve.append(
-            {
-                "node_threshold": node,
-                "edge_threshold": edge,
-                "nodes": int(result.node_mask.sum()),
-                "edges": int(result.edge_mask.sum()),
-                "replacement": scores.replacement,
-                "completeness": scores.completeness,
-            }
-        )
-    return curve
 
 
 def plot_curve(curve: list[dict], path: Path, title: str) -> None:
@@ -93,7 +75,6 @@ def run_prompt(model: ReplacementModel, params: Params, profile: str, spec, fold
     graph.save(folder / "graph.safetensors")
     pruning = params.pruning
     result = graph.prune(pruning.node_threshold, pruning.edge_threshold)
-    full, pruned = graph.scores(), graph.scores(result)
     document = to_viewer_json(
         graph,
         result,
@@ -103,26 +84,13 @@ def run_prompt(model: ReplacementModel, params: Params, profile: str, spec, fold
         edge_threshold=pruning.edge_threshold,
     )
     write_json(document, folder / "pruned.json")
-    curve = pruning_curve(graph, pruning.sweep)
-    if curve:
-        plot_curve(curve, folder / "pruning_curve.png", f"{profile} / {spec.id}")
-    scores = {
-        "replacement": full.replacement,
-        "completeness": full.completeness,
-        "pruned_replacement": pruned.replacement,
-        "pruned_completeness": pruned.completeness,
-        "nodes": graph.layout.n_nodes,
-        "edges": int((graph.adjacency_matrix != 0).sum()),
-        "pruned_nodes": int(result.node_mask.sum()),
-        "pruned_edges": int(result.edge_mask.sum()),
-        "active_features": int(graph.active_features.shape[0]),
-        "selected_features": graph.layout.n_features,
-        "node_threshold": pruning.node_threshold,
-        "edge_threshold": pruning.edge_threshold,
-        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "seconds": seconds,
-        "curve": curve,
-    }
+    scores = prompt_report(
+        graph, pruning.node_threshold, pruning.edge_threshold, pruning.sweep, result=result
+    )
+    scores["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    scores["seconds"] = seconds
+    if scores["curve"]:
+        plot_curve(scores["curve"], folder / "pruning_curve.png", f"{profile} / {spec.id}")
     write_json(scores, folder / "scores.json")
     return scores
 

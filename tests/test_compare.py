@@ -18,6 +18,7 @@ from tracer.attribute import attribute
 from tracer.fixtures import build_model, build_transcoders
 from tracer.graph import Graph
 from tracer.replacement import ReplacementModel
+from tracer.report import prompt_report
 from tracer.transcoder_files import load_transcoders, save_transcoders
 from tracer.transcoders import LayerWeights, TranscoderSet
 from tracer.viewer import write_json
@@ -30,7 +31,6 @@ MODEL = "tiny/gpt2"
 SAME_MODEL = ("a", "a-copy", "perm", "random")  # enabled, one model, with graphs
 OUT_FILES = {"scores.csv", "sizes.csv", "layers.csv", "matching.csv", "summary.json"}
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
-GRAPHS_STAGE = runpy.run_path(str(PIPELINES / "graphs.py"))  # its functions; main() does not run
 
 
 # ---- transcoder sets ---------------------------------------------------------------------------
@@ -85,24 +85,7 @@ def brute_force_match(ts_a: TranscoderSet, ts_b: TranscoderSet, layer: int) -> t
 # ---- the graphs stage's files, written with tracer's own functions ------------------------------
 def write_prompt(graph: Graph, folder: Path) -> None:
     """graph.safetensors and scores.json as the graphs stage writes them."""
-    result = graph.prune(*THRESHOLDS)
-    full, pruned = graph.scores(), graph.scores(result)
-    curve = GRAPHS_STAGE["pruning_curve"](graph, CURVE)
-    scores = {
-        "replacement": full.replacement,
-        "completeness": full.completeness,
-        "pruned_replacement": pruned.replacement,
-        "pruned_completeness": pruned.completeness,
-        "nodes": graph.layout.n_nodes,
-        "edges": int((graph.adjacency_matrix != 0).sum()),
-        "pruned_nodes": int(result.node_mask.sum()),
-        "pruned_edges": int(result.edge_mask.sum()),
-        "active_features": int(graph.active_features.shape[0]),
-        "selected_features": graph.layout.n_features,
-        "node_threshold": THRESHOLDS[0],
-        "edge_threshold": THRESHOLDS[1],
-        "curve": curve,
-    }
+    scores = prompt_report(graph, *THRESHOLDS, CURVE)
     graph.save(folder / "graph.safetensors")
     write_json(scores, folder / "scores.json")
 

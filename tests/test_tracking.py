@@ -25,6 +25,7 @@ from tracer.attribute import attribute
 from tracer.fixtures import build_model, build_tokenizer, build_transcoders
 from tracer.graph import Graph
 from tracer.replacement import ReplacementModel
+from tracer.report import prompt_report
 from tracer.tracking import (
     RUN_KEY_TAG,
     dvc_stage_tags,
@@ -38,7 +39,6 @@ from tracer.viewer import to_viewer_json, write_json
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
-GRAPHS_STAGE = runpy.run_path(str(PIPELINES / "graphs.py"))  # its scores.json curve writer
 PROMPTS = {"capital": "the capital of the state containing Dallas is", "short": "the state of"}
 PROFILES = {"tiny-plt": "plt-relu", "tiny-clt": "clt"}
 CURVE = [(0.5, 0.9), (0.8, 0.98), (0.95, 0.995)]
@@ -50,25 +50,10 @@ PARENT_TAG = "mlflow.parentRunId"
 def write_prompt_dir(graph: Graph, directory: Path, *, plot: bool) -> None:
     start = time.perf_counter()
     result = graph.prune(*THRESHOLDS)
-    full, pruned = graph.scores(), graph.scores(result)
     seconds = dict(graph.metadata["timings"]) | {"prune": time.perf_counter() - start}
-    scores = {
-        "replacement": full.replacement,
-        "completeness": full.completeness,
-        "pruned_replacement": pruned.replacement,
-        "pruned_completeness": pruned.completeness,
-        "nodes": graph.layout.n_nodes,
-        "edges": int((graph.adjacency_matrix != 0).sum()),
-        "pruned_nodes": int(result.node_mask.sum()),
-        "pruned_edges": int(result.edge_mask.sum()),
-        "active_features": graph.active_features.shape[0],
-        "selected_features": graph.selected_features.shape[0],
-        "node_threshold": THRESHOLDS[0],
-        "edge_threshold": THRESHOLDS[1],
-        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "seconds": seconds | {"total": sum(seconds.values())},
-        "curve": GRAPHS_STAGE["pruning_curve"](graph, CURVE),
-    }
+    scores = prompt_report(graph, *THRESHOLDS, CURVE, result=result)
+    scores["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    scores["seconds"] = seconds | {"total": sum(seconds.values())}
     graph.save(directory / "graph.safetensors")
     write_json(to_viewer_json(graph, result, slug=directory.name), directory / "pruned.json")
     write_json(scores, directory / "scores.json")
