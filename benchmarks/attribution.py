@@ -20,10 +20,9 @@ import time
 
 import psutil
 import torch
+from fixture import add_fixture_arguments, build_fixture
 
 from tracer.attribute import RowComputer, attribute, collect_sources
-from tracer.fixtures import build_model, build_transcoders, calibrate_sparsity
-from tracer.replacement import ReplacementModel
 
 
 def rss() -> int:
@@ -40,31 +39,11 @@ def nbytes(tensors) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--features", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--density", type=float, default=0.0005, help="fraction of features active")
+    add_fixture_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
-    torch.manual_seed(0)
-
-    model = build_model(
-        "llama",
-        n_layers=args.layers,
-        d_model=args.d_model,
-        n_heads=8,
-        vocab=args.vocab,
-        context=1024,
-    )
-    ts = build_transcoders(
-        "plt-jumprelu", n_layers=args.layers, d_model=args.d_model, d_transcoder=args.features
-    )
-    rm = ReplacementModel(model, ts)
-    sample = torch.randint(4, args.vocab, (32, args.tokens))
-    calibrate_sparsity(rm, ts, sample, args.density)
-    prompt = torch.randint(4, args.vocab, (args.tokens - 1,))
+    rm, model, prompt = build_fixture(args)
+    ts = rm.transcoders
     weights = nbytes(model.parameters()) + sum(
         nbytes(t for t in vars(ts.layer(i)).values() if t is not None) for i in range(args.layers)
     )

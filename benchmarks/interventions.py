@@ -15,13 +15,12 @@ the freezing wrappers (in "off" mode), the NNSight trace, and the per-layer edit
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from collections.abc import Callable
 
 import torch
+from fixture import add_fixture_arguments, build_fixture
 
-from tracer.fixtures import build_model, build_transcoders, calibrate_sparsity
 from tracer.interventions import MODES, FeatureChange, run_with_changes
 from tracer.replacement import PromptState, ReplacementModel
 
@@ -39,31 +38,6 @@ def best_times(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str,
             if round_:
                 best[name] = min(best[name], time.perf_counter() - start)
     return best
-
-
-def build_fixture(
-    args: argparse.Namespace,
-) -> tuple[ReplacementModel, torch.nn.Module, torch.Tensor]:
-    """The attribution benchmark's fixture: (replacement model, an untouched copy of its model with
-    no freezing wrappers installed, prompt without start token)."""
-    torch.manual_seed(0)
-    model = build_model(
-        "llama",
-        n_layers=args.layers,
-        d_model=args.d_model,
-        n_heads=8,
-        vocab=args.vocab,
-        context=1024,
-    )
-    ts = build_transcoders(
-        "plt-jumprelu", n_layers=args.layers, d_model=args.d_model, d_transcoder=args.features
-    )
-    plain = copy.deepcopy(model)
-    rm = ReplacementModel(model, ts)
-    sample = torch.randint(4, args.vocab, (32, args.tokens))
-    calibrate_sparsity(rm, ts, sample, args.density)
-    prompt = torch.randint(4, args.vocab, (args.tokens - 1,))
-    return rm, plain, prompt
 
 
 def random_active_features(state: PromptState, n: int, seed: int = 0) -> list[FeatureChange]:
@@ -94,12 +68,7 @@ def run_all(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--features", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--density", type=float, default=0.0005, help="fraction of features active")
+    add_fixture_arguments(parser)
     parser.add_argument("--n", type=int, default=100, help="number of interventions")
     parser.add_argument("--batch-sizes", default="25,50")
     parser.add_argument("--repeats", type=int, default=5)
