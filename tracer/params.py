@@ -132,3 +132,22 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             for e in err.errors()
         )
         raise ValueError(f"{path}: {problems}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tracer.params [params.yaml]`: validate, print the error naming the key."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0]) if args else Path("params.yaml")
+    try:
+        load_params(path)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"invalid parameters: {err}", file=sys.stderr)
+        return 2
+    print(f"{path}: valid")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
