@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from tracer.params import load_params
@@ -24,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.experiment is None:
         args.experiment = load_params(REPO_ROOT / "params.yaml").tracking.experiment
-    uri = tracking_uri(REPO_ROOT / "mlflow.db")
+    # experiments (`dvc exp run`) run in temporary copies: log to the main repository's store
+    main_repo = Path(os.environ.get("DVC_ROOT", REPO_ROOT))
+    uri = tracking_uri(main_repo / "mlflow.db")
     ensure_store(uri, args.experiment)
     summary = log_pipeline(
         args.root,

@@ -127,11 +127,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in err.errors()
-        )
+        problems = "; ".join(_describe(e) for e in err.errors())
         raise ValueError(f"{path}: {problems}") from None
+
+
+def _describe(error: dict) -> str:
+    """`key.path: message, got VALUE` (model-level messages already name their key)."""
+    where = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if not where:
+        return message
+    return f"{where}: {message}, got {error.get('input')!r}"
 
 
 def main(argv: list[str] | None = None) -> int:

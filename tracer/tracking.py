@@ -128,7 +128,8 @@ def git_tags(repo: str | Path) -> dict[str, str]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {}
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # dvc.lock is rewritten by the stages that ran before tracking: not a sign of a dirty tree
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
     tags = {MLFLOW_GIT_COMMIT: commit.strip()}
     if status is not None:
         tags[MLFLOW_GIT_DIRTY] = str(bool(status.strip())).lower()

@@ -1,0 +1,458 @@
+"""End to end: `dvc repro` on a clean clone of what is committed, read back from MLflow.
+
+Each test works in a `git clone` of this repository (never the working tree), with params.yaml cut
+down to one enabled zoo profile and two prompts so the graphs stages take seconds; the zoo params
+are left alone, so the zoo stages, committed with their outputs, must stay up to date. Stage
+commands import `tracer` from the clone (PYTHONPATH), not from the editable install, and MLflow
+numbers are checked against scores recomputed from the graph files. One clone is built per module;
+tests that change it work on copies, and a copy that logs gets a store of its own (a store records
+its artifact folder as an absolute path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tracer.graph import Graph
+from tracer.tracking import ensure_store
+
+from mlflow import MlflowClient  # isort: skip  (after tracer.tracking disables telemetry)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # dvc and the stages' `python` come from this environment
+PROFILE = "gpt2-clt"  # the one enabled zoo profile the tests keep
+N_PROMPTS = 2
+PARENT_TAG = "mlflow.parentRunId"
+ARTIFACTS = {"graph.safetensors", "pruned.json", "scores.json", "pruning_curve.png"}
+RUNNING = re.compile(r"Running stage '([^']+)'")
+LAST = ("compare", "track")  # the stages after the per-profile ones
+
+pytestmark = pytest.mark.slow
+
+
+# ---- running things in a clone -----------------------------------------------------------------
+def clone_env(clone: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(clone)  # the clone's tracer, not the editable install's
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    return env | extra
+
+
+def execute(clone: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run a command in `clone`: (exit code, stdout and stderr interleaved)."""
+    done = subprocess.run(
+        args,
+        cwd=clone,
+        env=env or clone_env(clone),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    return done.returncode, done.stdout
+
+
+def run(clone: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run a command that must succeed; returns its output."""
+    code, output = execute(clone, *args, env=env)
+    assert code == 0, f"{' '.join(args)} exited {code}:\n{output}"
+    return output
+
+
+def repro(clone: Path) -> tuple[int, str]:
+    return execute(clone, "dvc", "repro")
+
+
+def read_params(clone: Path) -> dict:
+    return yaml.safe_load((clone / "params.yaml").read_text())
+
+
+def write_params(clone: Path, params: dict) -> None:
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def edit_params(clone: Path, edit: Callable[[dict], None]) -> None:
+    params = read_params(clone)
+    edit(params)
+    write_params(clone, params)
+
+
+def cut_down(params: dict) -> None:
+    """One enabled zoo profile (the disabled hub profiles stay) and the first two prompts."""
+    params["profiles"] = {
+        name: profile
+        for name, profile in params["profiles"].items()
+        if name == PROFILE or profile.get("enabled", True) is False
+    }
+    params["prompts"] = params["prompts"][:N_PROMPTS]
+
+
+def digests(root: Path, *folders: str) -> dict[str, str]:
+    """sha256 of every file under `folders` of `root`, by relative path."""
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for folder in folders
+        for path in sorted((root / folder).rglob("*"))
+        if path.is_file()
+    }
+
+
+def changed_paths(clone: Path) -> list[str]:
+    return sorted(line[3:] for line in run(clone, "git", "status", "--porcelain").splitlines())
+
+
+# ---- the MLflow store --------------------------------------------------------------------------
+def sqlite_uri(clone: Path) -> str:
+    return f"sqlite:///{clone / 'mlflow.db'}"
+
+
+def store_runs(uri: str, experiment: str = "tracer") -> tuple[list, list]:
+    """(parent runs, nested runs) of `experiment`."""
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment!r} in {uri}"
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    return parents, [r for r in runs if PARENT_TAG in r.data.tags]
+
+
+def relog_store(clone: Path) -> None:
+    """Replace a copied clone's store by one logged from its own outputs (1 parent, 2 runs)."""
+    (clone / "mlflow.db").unlink(missing_ok=True)
+    shutil.rmtree(clone / "mlartifacts", ignore_errors=True)
+    run(clone, "python", "pipelines/track.py")
+
+
+@dataclass(frozen=True)
+class Built:
+    clone: Path
+    output: str  # of the first `dvc repro`
+    head: str
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """A clone with cut-down params committed, after one `dvc repro`."""
+    clone = tmp_path_factory.mktemp("pipeline") / "repo"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    run(clone, "git", "config", "user.name", "tracer tests")
+    run(clone, "git", "config", "user.email", "tests@tracer.invalid")
+    edit_params(clone, cut_down)
+    run(clone, "git", "commit", "--quiet", "-am", "test: one profile, two prompts")
+    head = run(clone, "git", "rev-parse", "HEAD").strip()
+    code, output = repro(clone)
+    assert code == 0, f"dvc repro failed ({code}):\n{output}"
+    return Built(clone, output, head)
+
+
+def copy_of(built: Built, tmp_path: Path) -> Path:
+    clone = tmp_path / "repo"
+    shutil.copytree(built.clone, clone, symlinks=True)
+    relog_store(clone)
+    return clone
+
+
+# ---- 1. a clean clone --------------------------------------------------------------------------
+def test_repro_on_a_clean_clone_logs_every_result_once(built: Built) -> None:
+    clone, output = built.clone, built.output
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    zoo_stages = [name for name in lock if name.startswith("zoo_")]
+    assert zoo_stages
+    for name in zoo_stages:
+        assert f"Stage '{name}' didn't change, skipping" in output
+    running = RUNNING.findall(output)
+    assert not [name for name in running if name.startswith("zoo_")]
+    params = read_params(clone)
+    enabled = [n for n, p in params["profiles"].items() if p.get("enabled", True)]
+    assert enabled == [PROFILE]
+    per_profile = {f"{stage}@{n}" for stage in ("fetch", "graphs") for n in params["profiles"]}
+    assert running[0] == "params"  # validation fails the run before anything else starts
+    assert set(running) == {"params", "compare", "track"} | per_profile
+
+    parents, nested = store_runs(sqlite_uri(clone), params["tracking"]["experiment"])
+    assert len(parents) == 1 and len(nested) == len(enabled) * N_PROMPTS
+    prompt_ids = [p["id"] for p in params["prompts"]]
+    assert sorted(r.info.run_name for r in nested) == sorted(f"{PROFILE}/{p}" for p in prompt_ids)
+    client = MlflowClient(tracking_uri=sqlite_uri(clone))
+    node_t, edge_t = params["pruning"]["node_threshold"], params["pruning"]["edge_threshold"]
+    profile = params["profiles"][PROFILE]
+    for logged in nested:
+        assert logged.info.status == "FINISHED"
+        assert logged.data.tags[PARENT_TAG] == parents[0].info.run_id
+        assert logged.data.tags["mlflow.source.git.commit"] == built.head
+        assert f"graphs@{PROFILE}" in logged.data.tags["tracer.dvc.stages"].split(",")
+        prompt = logged.data.params["prompt_id"]
+        expected = {
+            "profile": PROFILE,
+            "model": profile["model"],
+            "transcoders": profile["transcoders"],
+            "dtype": profile.get("dtype", "float32"),
+            "node_threshold": str(node_t),
+            "edge_threshold": str(edge_t),
+        } | {key: str(value) for key, value in params["attribution"].items()}
+        assert {k: logged.data.params.get(k) for k in expected} == expected
+
+        path = clone / "outputs" / "profiles" / PROFILE / prompt / "graph.safetensors"
+        graph = Graph.load(path)
+        result = graph.prune(node_t, edge_t)
+        full, pruned = graph.scores(), graph.scores(result)
+        recomputed = {
+            "replacement": full.replacement,
+            "completeness": full.completeness,
+            "pruned_replacement": pruned.replacement,
+            "pruned_completeness": pruned.completeness,
+            "nodes": graph.layout.n_nodes,
+            "edges": int((graph.adjacency_matrix != 0).sum()),
+            "pruned_nodes": int(result.node_mask.sum()),
+            "pruned_edges": int(result.edge_mask.sum()),
+            "active_features": graph.active_features.shape[0],
+        }
+        metrics = {k: logged.data.metrics[k] for k in recomputed}
+        assert metrics == pytest.approx(recomputed, rel=1e-6, abs=1e-9)
+
+        run_id = logged.info.run_id
+        assert {a.path for a in client.list_artifacts(run_id)} == ARTIFACTS
+        assert logged.info.artifact_uri.startswith((clone / "mlartifacts").as_uri())
+        copy = client.download_artifacts(run_id, "graph.safetensors", str(clone.parent))
+        uploaded = Graph.load(copy)
+        assert torch.equal(uploaded.adjacency_matrix, graph.adjacency_matrix)
+        assert uploaded.scores() == full
+
+    lock_before = (clone / "dvc.lock").read_bytes()
+    code, again = repro(clone)
+    assert code == 0, again
+    assert RUNNING.findall(again) == []
+    assert "Data and pipelines are up to date." in again
+    assert (clone / "dvc.lock").read_bytes() == lock_before
+    assert [len(runs) for runs in store_runs(sqlite_uri(clone))] == [1, len(nested)]
+    # DVC stages its lock file itself (core.autostage in .dvc/config); outputs are git-ignored.
+    assert run(clone, "git", "status", "--porcelain").splitlines() == ["M  dvc.lock"]
+
+
+def test_metrics_and_plots_show_the_logged_numbers(built: Built) -> None:
+    clone = built.clone
+    shown = json.loads(run(clone, "dvc", "metrics", "show", "--json"))
+    (workspace,) = shown.values()  # one revision: the workspace
+    assert "error" not in workspace
+    summary = workspace["data"][f"outputs/metrics/{PROFILE}.json"]["data"]
+    _, nested = store_runs(sqlite_uri(clone))
+    for logged in nested:
+        numbers = summary[logged.data.params["prompt_id"]]
+        assert numbers == pytest.approx({k: logged.data.metrics[k] for k in numbers})
+
+    plots = json.loads(run(clone, "dvc", "plots", "show", "--json"))
+    assert not plots.get("errors")
+    (plot,) = plots["data"][f"outputs/plots/{PROFILE}.json"]
+    points = plot["content"]["data"]["values"]
+    sweep = read_params(clone)["pruning"]["sweep"]
+    assert len(points) == N_PROMPTS * len(sweep)
+    assert Counter(p["prompt"] for p in points) == Counter(
+        {p["id"]: len(sweep) for p in read_params(clone)["prompts"]}
+    )
+
+
+# ---- 2. one profile changes --------------------------------------------------------------------
+def stages_run_after(clone: Path, edit: Callable[[dict], None]) -> list[str]:
+    edit_params(clone, edit)
+    code, output = repro(clone)
+    assert code == 0, output
+    return RUNNING.findall(output)
+
+
+def newest_pipeline(uri: str) -> tuple[int, int, list]:
+    """(parent runs, nested runs, the nested runs of the newest parent)."""
+    parents, nested = store_runs(uri)
+    newest = max(parents, key=lambda r: r.info.start_time).info.run_id
+    return len(parents), len(nested), [r for r in nested if r.data.tags[PARENT_TAG] == newest]
+
+
+def test_changing_one_profile_reruns_only_its_graphs_stage(built: Built, tmp_path: Path) -> None:
+    clone = copy_of(built, tmp_path)
+    uri = sqlite_uri(clone)
+    untouched = digests(clone, "zoo")
+
+    running = stages_run_after(clone, lambda p: p["profiles"][PROFILE].update(dtype="float64"))
+    assert running == ["params", f"fetch@{PROFILE}", f"graphs@{PROFILE}", *LAST]
+    n_parents, n_nested, children = newest_pipeline(uri)
+    assert (n_parents, n_nested) == (2, 2 * N_PROMPTS)
+    assert [r.data.params["dtype"] for r in children] == ["float64"] * N_PROMPTS
+
+    added = "gpt2-plt"
+    plt = {"model": "zoo/models/gpt2", "transcoders": "zoo/transcoders/gpt2/plt-jumprelu"}
+    running = stages_run_after(clone, lambda p: p["profiles"].update({added: plt}))
+    assert running == ["params", f"fetch@{added}", f"graphs@{added}", *LAST]
+    n_parents, n_nested, children = newest_pipeline(uri)
+    assert (n_parents, n_nested) == (3, 3 * N_PROMPTS)  # the unchanged profile is not logged again
+    assert [r.data.params["profile"] for r in children] == [added] * N_PROMPTS
+    assert digests(clone, "zoo") == untouched
+
+
+# ---- 3. invalid params -------------------------------------------------------------------------
+def _unknown_key(p: dict) -> None:
+    p["pruning"]["node_treshold"] = 0.5
+
+
+def _node_threshold(p: dict) -> None:
+    p["pruning"]["node_threshold"] = 1.5
+
+
+def _missing_model(p: dict) -> None:
+    p["profiles"][PROFILE]["model"] = "zoo/models/missing"
+
+
+def _duplicate_prompt(p: dict) -> None:
+    p["prompts"].append(dict(p["prompts"][0], text="another text"))
+
+
+def _all_disabled(p: dict) -> None:
+    p["profiles"][PROFILE]["enabled"] = False
+
+
+def _unknown_section(p: dict) -> None:
+    p["prunning"] = {"node_threshold": 0.5}  # no stage lists it, the params stage reads it all
+
+
+INVALID = {
+    "unknown-key": (_unknown_key, "pruning.node_treshold: Extra inputs are not permitted"),
+    "unknown-section": (_unknown_section, "prunning: Extra inputs are not permitted"),
+    "node-threshold": (_node_threshold, "pruning.node_threshold: Input should be less than"),
+    "missing-model": (_missing_model, f"profiles.{PROFILE}.model: local path"),
+    "duplicate-prompt": (_duplicate_prompt, "prompts: duplicate id(s) ['two-hop-tampa']"),
+    "all-disabled": (_all_disabled, "profiles: every profile is disabled"),
+}
+OUTPUTS = ("outputs/fetched", "outputs/profiles", "outputs/metrics", "outputs/plots")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    clone: Path
+    params: str  # the valid params.yaml
+    outputs: dict[str, str]
+    lock: bytes
+    status: list[str]  # git status --porcelain
+    runs: tuple[int, int]
+
+
+@pytest.fixture(scope="module")
+def valid(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
+    """A copy of the built clone, shared by the invalid-params tests, which restore its params.
+
+    Its store is the copied one: nothing may log here, so the count is all that is read."""
+    clone = tmp_path_factory.mktemp("invalid") / "repo"
+    shutil.copytree(built.clone, clone, symlinks=True)
+    parents, nested = store_runs(sqlite_uri(clone))
+    return Snapshot(
+        clone,
+        (clone / "params.yaml").read_text(),
+        digests(clone, *OUTPUTS),
+        (clone / "dvc.lock").read_bytes(),
+        changed_paths(clone),
+        (len(parents), len(nested)),
+    )
+
+
+@pytest.mark.parametrize("variant", list(INVALID))
+def test_invalid_params_fail_naming_the_key(valid: Snapshot, variant: str) -> None:
+    edit, message = INVALID[variant]
+    clone = valid.clone
+    try:
+        edit_params(clone, edit)
+        code, output = repro(clone)
+    finally:
+        (clone / "params.yaml").write_text(valid.params)
+    assert code != 0, output
+    # The params stage (python -m tracer.params) prints load_params' message; DVC names the stage.
+    errors = [line for line in output.splitlines() if line.startswith("invalid parameters: ")]
+    assert len(errors) == 1 and message in errors[0], output
+    assert "ERROR: failed to reproduce 'params'" in output
+    assert RUNNING.findall(output) == ["params"]
+    assert digests(clone, *OUTPUTS) == valid.outputs
+    parents, nested = store_runs(sqlite_uri(clone))
+    assert (len(parents), len(nested)) == valid.runs
+    assert (clone / "dvc.lock").read_bytes() == valid.lock
+    assert changed_paths(clone) == valid.status
+
+
+def test_valid_params_again_run_nothing(valid: Snapshot) -> None:
+    code, output = repro(valid.clone)
+    assert code == 0, output
+    assert RUNNING.findall(output) == []
+    assert digests(valid.clone, *OUTPUTS) == valid.outputs
+
+
+# ---- 4. parallel experiments -------------------------------------------------------------------
+def queue_rows(clone: Path, env: dict[str, str]) -> dict[str, str]:
+    """Task name -> status, from `dvc queue status`."""
+    rows = {}
+    for line in run(clone, "dvc", "queue", "status", env=env).splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[-1] in {"Queued", "Running", "Success", "Failed"}:
+            rows[fields[1]] = fields[-1]
+    return rows
+
+
+def test_queued_experiments_in_parallel_log_every_run(built: Built, tmp_path: Path) -> None:
+    clone = tmp_path / "repo"
+    shutil.copytree(built.clone, clone, symlinks=True)
+    (clone / "mlflow.db").unlink()
+    shutil.rmtree(clone / "mlartifacts")
+    # Experiments run in temporary copies under .dvc/tmp/exps, where track.py's default store
+    # (mlflow.db next to pipelines/) is thrown away with the copy: name one store for all.
+    uri = sqlite_uri(clone)
+    env = clone_env(clone, MLFLOW_TRACKING_URI=uri)
+    ensure_store(uri, read_params(clone)["tracking"]["experiment"])  # before any fan-out
+
+    thresholds = ("0.7", "0.9")
+    for node_t in thresholds:
+        run(
+            clone, "dvc", "exp", "run", "--queue", "-S", f"pruning.node_threshold={node_t}", env=env
+        )
+    assert list(queue_rows(clone, env).values()) == ["Queued"] * len(thresholds)
+    try:
+        run(clone, "dvc", "queue", "start", "-j", str(len(thresholds)), env=env)
+        deadline = time.monotonic() + 300
+        rows = queue_rows(clone, env)
+        while {"Queued", "Running"} & set(rows.values()) and time.monotonic() < deadline:
+            time.sleep(5)
+            rows = queue_rows(clone, env)
+    finally:
+        execute(clone, "dvc", "queue", "stop", "--kill", env=env)
+    logs = "\n".join(p.read_text() for p in (clone / ".dvc/tmp/exps/celery").glob("*.out"))
+    assert list(rows.values()) == ["Success"] * len(thresholds), f"{rows}\n{logs[-4000:]}"
+
+    parents, nested = store_runs(uri)
+    assert len(parents) == len(thresholds)
+    assert all(r.info.status == "FINISHED" for r in parents + nested)
+    assert Counter(r.data.params["node_threshold"] for r in nested) == Counter(
+        {t: N_PROMPTS for t in thresholds}
+    )
+    assert Counter(r.data.tags[PARENT_TAG] for r in nested) == Counter(
+        {p.info.run_id: N_PROMPTS for p in parents}
+    )
+    for logged in nested:
+        threshold = float(logged.data.params["node_threshold"])
+        assert logged.data.metrics["pruned_nodes"] > 0
+        assert logged.info.artifact_uri.startswith((clone / "mlartifacts").as_uri())
+        graph = Graph.load(
+            MlflowClient(tracking_uri=uri).download_artifacts(
+                logged.info.run_id, "graph.safetensors", str(tmp_path)
+            )
+        )
+        pruned = graph.prune(threshold, float(logged.data.params["edge_threshold"]))
+        assert logged.data.metrics["pruned_nodes"] == int(pruned.node_mask.sum())
