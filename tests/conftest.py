@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import pytest
 import torch
 
 from tracer.attribute import attribute
+from tracer.cli import main
 from tracer.fixtures import build_model, build_tokenizer, build_transcoders
 from tracer.graph import Graph
 from tracer.replacement import ReplacementModel
@@ -50,3 +54,11 @@ def plt_graph(plt_model: ReplacementModel) -> Graph:
 def clt_graph() -> Graph:
     """The full graph of TINY_PROMPT under a cross-layer transcoder."""
     return attribute(TINY_PROMPT, tiny_replacement_model("clt"), progress=False)
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """main(args) with stdout and stderr captured (for module-scoped fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()

@@ -7,8 +7,6 @@ Expected numbers are recomputed here from the graph file with the library's Grap
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 from transformers import AutoTokenizer
 
 from tracer.cli import main
@@ -28,14 +27,6 @@ from tracer.transcoder_files import save_transcoders
 PROMPT = "the capital of the state containing Dallas is"
 N_FEATURES = 40  # --max-feature-nodes of the end-to-end graph
 SCORE_KEYS = ("replacement", "completeness", "pruned_replacement", "pruned_completeness")
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """main(args) with stdout and stderr captured (for module-scoped fixtures)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

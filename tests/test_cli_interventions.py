@@ -7,17 +7,15 @@ model; bad change specs must exit 2 naming the spec and the valid form.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tracer.cli import main
 from tracer.fixtures import write_fixture
 from tracer.graph import Graph
 from tracer.interventions import FeatureChange, intervene
@@ -25,13 +23,6 @@ from tracer.replacement import ReplacementModel
 from tracer.validation import select_nodes
 
 PROMPT = "the capital of the state containing Dallas is"
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
