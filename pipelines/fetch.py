@@ -1,15 +1,14 @@
 """DVC stage fetch@PROFILE: fetch a profile's model and transcoders, pinned and checksummed.
 
-Writes `outputs/fetched/PROFILE.json`: for each of model and transcoders its source, the commit sha
-served (None for a local folder), the local path and a content hash; a disabled profile gets
-{"enabled": false} and fetches nothing.
+Writes `outputs/fetched/PROFILE/`: `fetched.json` records, for each of model and transcoders, its
+source, the commit sha served (None for a local folder), the folder to load it from and a content
+hash; a disabled profile gets {"enabled": false} and fetches nothing.
 
-Hub downloads go to the huggingface_hub cache (`HF_HOME`, default `~/.cache/huggingface`), not to a
-DVC output: DVC caches only the small JSON record. Since the record holds the commit sha and the
-content hash, a changed upstream branch or a changed local folder changes the record and reruns
-the stages that depend on it; the weights themselves are kept, and shared between profiles and
-checkouts, by huggingface_hub's cache. To have DVC store the weights too, a later step can
-download into a folder under `outputs/` and declare that folder a (cached) DVC output.
+Local folders (the zoo) are loaded where they are. Hub repos are downloaded through
+huggingface_hub's cache (`HF_HOME`; a second profile using the same repo and commit makes no
+request) and copied, as hard links where possible, to `outputs/fetched/PROFILE/model/` and
+`transcoders/`, which DVC caches: `dvc push` to a remote and `dvc pull` on a machine without hub
+access restores them, and `dvc repro` there finds this stage up to date.
 """
 
 from __future__ import annotations
@@ -17,11 +16,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from tracer import outputs
 from tracer.atomic import write_json
-from tracer.fetch import fetch_profile
+from tracer.fetch import fetch_profile, materialize
 from tracer.params import load_params
+from tracer.zoo.layout import write_folder
 
-OUT = Path("outputs/fetched")
+ROOT = Path("outputs")
 
 
 def main(name: str) -> None:
@@ -29,17 +30,26 @@ def main(name: str) -> None:
     if name not in profiles:
         raise SystemExit(f"unknown profile {name!r}; params.yaml has {sorted(profiles)}")
     profile = profiles[name]
-    if not profile.enabled:
-        document = {"enabled": False}
-    else:
-        fetched = fetch_profile(
-            profile.model,
-            profile.transcoders,
-            revision=profile.revision,
-            transcoder_revision=profile.transcoder_revision,
-        )
-        document = {"enabled": True, "dtype": profile.dtype, **fetched}
-    write_json(OUT / f"{name}.json", document, indent=2, sort_keys=True)
+    final = outputs.fetched_dir(ROOT, name)
+
+    def fill(folder: Path) -> None:
+        if not profile.enabled:
+            document = {"enabled": False}
+        else:
+            fetched = fetch_profile(
+                profile.model,
+                profile.transcoders,
+                revision=profile.revision,
+                transcoder_revision=profile.transcoder_revision,
+            )
+            for part, record in fetched.items():
+                if record["revision"] is not None:  # from the hub
+                    materialize(record, folder / part)
+                    fetched[part] = {**record, "path": str(final / part)}
+            document = {"enabled": True, "dtype": profile.dtype, **fetched}
+        write_json(folder / outputs.FETCHED_FILE, document, indent=2, sort_keys=True)
+
+    write_folder(final, fill)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO_ROOT / "outputs", help="stage outputs")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (params.yaml)")
-    parser.add_argument("--summary", type=Path, help="also write the summary JSON here")
+    parser.add_argument(
+        "--summary", type=Path, help="also write the logged results' run keys (JSON) here"
+    )
     args = parser.parse_args(argv)
     if args.experiment is None:
         args.experiment = load_params(REPO_ROOT / "params.yaml").tracking.experiment
@@ -38,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(json.dumps(summary, indent=2))
     if args.summary is not None:
-        write_json(summary, args.summary)
+        # what is in the store, not what this call added: the same results give the same file
+        record = {k: summary[k] for k in ("disabled_profiles", "run_keys")}
+        write_json(record | {"experiment": args.experiment}, args.summary)
 
 
 if __name__ == "__main__":

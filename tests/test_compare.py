@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tracer import compare
+from tracer import compare, outputs
 from tracer.attribute import attribute
 from tracer.fixtures import build_model, build_transcoders
 from tracer.graph import Graph
@@ -83,11 +83,11 @@ def brute_force_match(ts_a: TranscoderSet, ts_b: TranscoderSet, layer: int) -> t
 
 
 # ---- the graphs stage's files, written with tracer's own functions ------------------------------
-def write_prompt(graph: Graph, folder: Path) -> None:
-    """graph.safetensors and scores.json as the graphs stage writes them."""
+def write_prompt(graph: Graph, root: Path, profile: str, prompt: str) -> None:
+    """The graph file and scores.json as the attribute and prune stages write them."""
     scores = prompt_report(graph, *THRESHOLDS, CURVE)
-    graph.save(folder / "graph.safetensors")
-    write_json(scores, folder / "scores.json")
+    graph.save(outputs.graph_path(root, profile, prompt))
+    write_json(scores, outputs.prompt_dir(root, profile, prompt) / "scores.json")
 
 
 def write_profile_json(
@@ -121,9 +121,11 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> dict:
         folder = root / "profiles" / name
         write_profile_json(folder, sets / name)
         for prompt, ids in PROMPTS.items():
-            write_prompt(attribute(ids, model, max_n_logits=3, progress=False), folder / prompt)
+            graph = attribute(ids, model, max_n_logits=3, progress=False)
+            write_prompt(graph, root, name, prompt)
     profiles = root / "profiles"
     shutil.copytree(profiles / "a", profiles / "other-model")
+    shutil.copytree(root / "graphs" / "a", root / "graphs" / "other-model")
     write_profile_json(profiles / "other-model", sets / "a", model="tiny/other")
     shutil.copytree(profiles / "a", profiles / "off")
     write_profile_json(profiles / "off", sets / "a", enabled=False)
@@ -134,7 +136,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def graph_of(tree: dict, profile: str, prompt: str) -> Graph:
-    return Graph.load(tree["root"] / "profiles" / profile / prompt / "graph.safetensors")
+    return Graph.load(outputs.graph_path(tree["root"], profile, prompt))
 
 
 def scores_json(tree: dict, profile: str, prompt: str) -> dict:

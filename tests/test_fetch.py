@@ -167,8 +167,20 @@ def test_stage_writes_one_record_per_profile(
     for name in ("tiny", "off"):
         monkeypatch.setattr(sys, "argv", ["fetch.py", name])
         runpy.run_path(str(ROOT / "pipelines" / "fetch.py"), run_name="__main__")
-    off = json.loads((work / "outputs/fetched/off.json").read_text())
-    tiny = json.loads((work / "outputs/fetched/tiny.json").read_text())
+    off = json.loads((work / "outputs/fetched/off/fetched.json").read_text())
+    tiny = json.loads((work / "outputs/fetched/tiny/fetched.json").read_text())
     assert off == {"enabled": False}
     assert tiny["model"]["revision"] == hub.repos[MODEL][0]["main"]
     assert tiny["transcoders"]["source"] == f"hf://{SET}/layers" and tiny["dtype"] == "float32"
+    # the downloads are copied out of the hub cache into the (DVC-cached) stage output
+    for part in ("model", "transcoders"):
+        folder = work / "outputs/fetched/tiny" / part
+        assert tiny[part]["path"] == f"outputs/fetched/tiny/{part}"
+        assert folder.is_dir() and not any(p.is_symlink() for p in folder.rglob("*"))
+        assert folder_sha256(folder) == tiny[part]["sha256"]
+    assert (work / "outputs/fetched/tiny/transcoders/config.yaml").is_file()
+    # what the graph stages load from the stage output is the hub's model
+    model = ReplacementModel.from_pretrained(
+        str(work / tiny["model"]["path"]), str(work / tiny["transcoders"]["path"])
+    )
+    assert model.n_layers > 0

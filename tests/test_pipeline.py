@@ -38,7 +38,8 @@ BIN = Path(sys.executable).parent  # dvc and the stages' `python` come from this
 PROFILE = "gpt2-clt"  # the one enabled zoo profile the tests keep
 N_PROMPTS = 2
 PARENT_TAG = "mlflow.parentRunId"
-ARTIFACTS = {"graph.safetensors", "pruned.json", "scores.json", "pruning_curve.png"}
+ARTIFACTS = {"pruned.json", "scores.json", "pruning_curve.png", "validation"}  # + the graph file
+PER_PROFILE = ("fetch", "attribute", "prune", "validate")
 RUNNING = re.compile(r"Running stage '([^']+)'")
 LAST = ("compare", "track")  # the stages after the per-profile ones
 
@@ -181,7 +182,7 @@ def test_repro_on_a_clean_clone_logs_every_result_once(built: Built) -> None:
     params = read_params(clone)
     enabled = [n for n, p in params["profiles"].items() if p.get("enabled", True)]
     assert enabled == [PROFILE]
-    per_profile = {f"{stage}@{n}" for stage in ("fetch", "graphs") for n in params["profiles"]}
+    per_profile = {f"{stage}@{n}" for stage in PER_PROFILE for n in params["profiles"]}
     assert running[0] == "params"  # validation fails the run before anything else starts
     assert set(running) == {"params", "compare", "track"} | per_profile
 
@@ -196,7 +197,8 @@ def test_repro_on_a_clean_clone_logs_every_result_once(built: Built) -> None:
         assert logged.info.status == "FINISHED"
         assert logged.data.tags[PARENT_TAG] == parents[0].info.run_id
         assert logged.data.tags["mlflow.source.git.commit"] == built.head
-        assert f"graphs@{PROFILE}" in logged.data.tags["tracer.dvc.stages"].split(",")
+        stages = logged.data.tags["tracer.dvc.stages"].split(",")
+        assert sorted(stages) == sorted(f"{stage}@{PROFILE}" for stage in PER_PROFILE)
         prompt = logged.data.params["prompt_id"]
         expected = {
             "profile": PROFILE,
@@ -208,7 +210,7 @@ def test_repro_on_a_clean_clone_logs_every_result_once(built: Built) -> None:
         } | {key: str(value) for key, value in params["attribution"].items()}
         assert {k: logged.data.params.get(k) for k in expected} == expected
 
-        path = clone / "outputs" / "profiles" / PROFILE / prompt / "graph.safetensors"
+        path = clone / "outputs" / "graphs" / PROFILE / f"{prompt}.safetensors"
         graph = Graph.load(path)
         result = graph.prune(node_t, edge_t)
         full, pruned = graph.scores(), graph.scores(result)
@@ -227,9 +229,9 @@ def test_repro_on_a_clean_clone_logs_every_result_once(built: Built) -> None:
         assert metrics == pytest.approx(recomputed, rel=1e-6, abs=1e-9)
 
         run_id = logged.info.run_id
-        assert {a.path for a in client.list_artifacts(run_id)} == ARTIFACTS
+        assert {a.path for a in client.list_artifacts(run_id)} == ARTIFACTS | {path.name}
         assert logged.info.artifact_uri.startswith((clone / "mlartifacts").as_uri())
-        copy = client.download_artifacts(run_id, "graph.safetensors", str(clone.parent))
+        copy = client.download_artifacts(run_id, path.name, str(clone.parent))
         uploaded = Graph.load(copy)
         assert torch.equal(uploaded.adjacency_matrix, graph.adjacency_matrix)
         assert uploaded.scores() == full
@@ -282,13 +284,18 @@ def newest_pipeline(uri: str) -> tuple[int, int, list]:
     return len(parents), len(nested), [r for r in nested if r.data.tags[PARENT_TAG] == newest]
 
 
-def test_changing_one_profile_reruns_only_its_graphs_stage(built: Built, tmp_path: Path) -> None:
+def stages_of(profile: str) -> list[str]:
+    return [f"{stage}@{profile}" for stage in PER_PROFILE]
+
+
+def test_changing_one_profile_reruns_only_its_stages(built: Built, tmp_path: Path) -> None:
     clone = copy_of(built, tmp_path)
     uri = sqlite_uri(clone)
     untouched = digests(clone, "zoo")
 
     running = stages_run_after(clone, lambda p: p["profiles"][PROFILE].update(dtype="float64"))
-    assert running == ["params", f"fetch@{PROFILE}", f"graphs@{PROFILE}", *LAST]
+    assert running[0] == "params" and running[-2:] == list(LAST)
+    assert sorted(running[1:-2]) == sorted(stages_of(PROFILE))
     n_parents, n_nested, children = newest_pipeline(uri)
     assert (n_parents, n_nested) == (2, 2 * N_PROMPTS)
     assert [r.data.params["dtype"] for r in children] == ["float64"] * N_PROMPTS
@@ -296,11 +303,40 @@ def test_changing_one_profile_reruns_only_its_graphs_stage(built: Built, tmp_pat
     added = "gpt2-plt"
     plt = {"model": "zoo/models/gpt2", "transcoders": "zoo/transcoders/gpt2/plt-jumprelu"}
     running = stages_run_after(clone, lambda p: p["profiles"].update({added: plt}))
-    assert running == ["params", f"fetch@{added}", f"graphs@{added}", *LAST]
+    assert running[0] == "params" and running[-2:] == list(LAST)
+    assert sorted(running[1:-2]) == sorted(stages_of(added))
     n_parents, n_nested, children = newest_pipeline(uri)
     assert (n_parents, n_nested) == (3, 3 * N_PROMPTS)  # the unchanged profile is not logged again
     assert [r.data.params["profile"] for r in children] == [added] * N_PROMPTS
     assert digests(clone, "zoo") == untouched
+
+
+def test_new_thresholds_reprune_without_attributing(built: Built, tmp_path: Path) -> None:
+    clone = copy_of(built, tmp_path)
+    graphs = digests(clone, "outputs/graphs")
+    running = stages_run_after(clone, lambda p: p["pruning"].update(node_threshold=0.6))
+    assert running == ["params", f"prune@{PROFILE}", *LAST]
+    assert digests(clone, "outputs/graphs") == graphs
+    _, _, children = newest_pipeline(sqlite_uri(clone))
+    assert [r.data.params["node_threshold"] for r in children] == ["0.6"] * N_PROMPTS
+
+
+def test_attributing_again_gives_identical_files_and_logs_nothing(
+    built: Built, tmp_path: Path
+) -> None:
+    """What a fresh clone does (its DVC cache is empty, so the stages run again) changes nothing:
+    timings live outside the hashed outputs."""
+    clone = copy_of(built, tmp_path)
+    lock = (clone / "dvc.lock").read_bytes()
+    before = digests(clone, "outputs/graphs", "outputs/profiles", "outputs/validation")
+    runs = [len(r) for r in store_runs(sqlite_uri(clone))]
+    run(clone, "dvc", "repro", "--force", "--downstream", f"fetch@{PROFILE}")
+    assert digests(clone, "outputs/graphs", "outputs/profiles", "outputs/validation") == before
+    assert (clone / "dvc.lock").read_bytes() == lock
+    assert [len(r) for r in store_runs(sqlite_uri(clone))] == runs
+    timings = json.loads((clone / "outputs" / "runs" / f"{PROFILE}.json").read_text())
+    assert set(timings) == {p["id"] for p in read_params(clone)["prompts"]}
+    assert all(t["seconds"]["total"] > 0 and t["peak_memory_bytes"] > 0 for t in timings.values())
 
 
 # ---- 3. invalid params -------------------------------------------------------------------------
@@ -336,7 +372,14 @@ INVALID = {
     "duplicate-prompt": (_duplicate_prompt, "prompts: duplicate id(s) ['two-hop-tampa']"),
     "all-disabled": (_all_disabled, "profiles: every profile is disabled"),
 }
-OUTPUTS = ("outputs/fetched", "outputs/profiles", "outputs/metrics", "outputs/plots")
+OUTPUTS = (
+    "outputs/fetched",
+    "outputs/graphs",
+    "outputs/profiles",
+    "outputs/validation",
+    "outputs/metrics",
+    "outputs/plots",
+)
 
 
 @dataclass(frozen=True)
@@ -449,9 +492,10 @@ def test_queued_experiments_in_parallel_log_every_run(built: Built, tmp_path: Pa
         threshold = float(logged.data.params["node_threshold"])
         assert logged.data.metrics["pruned_nodes"] > 0
         assert logged.info.artifact_uri.startswith((clone / "mlartifacts").as_uri())
+        name = f"{logged.data.params['prompt_id']}.safetensors"
         graph = Graph.load(
             MlflowClient(tracking_uri=uri).download_artifacts(
-                logged.info.run_id, "graph.safetensors", str(tmp_path)
+                logged.info.run_id, name, str(tmp_path)
             )
         )
         pruned = graph.prune(threshold, float(logged.data.params["edge_threshold"]))

@@ -4,6 +4,7 @@ numbers recomputed from the graph files."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import resource
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tracer import tracking
+from tracer import outputs, tracking
 from tracer.attribute import attribute
 from tracer.fixtures import build_model, build_tokenizer, build_transcoders
 from tracer.graph import Graph
@@ -35,6 +36,7 @@ from tracer.tracking import (
     run_key,
     tracking_uri,
 )
+from tracer.validation import spearman, validate_graph
 from tracer.viewer import to_viewer_json, write_json
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
@@ -46,19 +48,29 @@ THRESHOLDS = (0.8, 0.98)
 PARENT_TAG = "mlflow.parentRunId"
 
 
-# ---- the prune stage's files, written with tracer's own functions ------------------------------
-def write_prompt_dir(graph: Graph, directory: Path, *, plot: bool) -> None:
+# ---- the pipeline stages' files, written with tracer's own functions ---------------------------
+def write_prompt(
+    graph: Graph, root: Path, profile: str, prompt: str, *, plot: bool, validation=None
+) -> dict:
+    """The attribute, prune and (optionally) validate stages' files; returns the run's timings."""
+    directory = outputs.prompt_dir(root, profile, prompt)
     start = time.perf_counter()
     result = graph.prune(*THRESHOLDS)
-    seconds = dict(graph.metadata["timings"]) | {"prune": time.perf_counter() - start}
+    seconds = graph.metadata.pop("timings") | {"prune": time.perf_counter() - start}
     scores = prompt_report(graph, *THRESHOLDS, CURVE, result=result)
-    scores["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    scores["seconds"] = seconds | {"total": sum(seconds.values())}
-    graph.save(directory / "graph.safetensors")
-    write_json(to_viewer_json(graph, result, slug=directory.name), directory / "pruned.json")
+    graph.save(outputs.graph_path(root, profile, prompt))
+    write_json(to_viewer_json(graph, result, slug=prompt), directory / "pruned.json")
     write_json(scores, directory / "scores.json")
     if plot:  # any bytes do: the tracker uploads the file as it is
         (directory / "pruning_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    if validation is not None:
+        report = validate_graph(graph, validation, top_n=2, modes=("direct", "full"))
+        report.to_json(outputs.validation_dir(root, profile) / f"{prompt}.json")
+        report.to_csv(outputs.validation_dir(root, profile) / f"{prompt}.csv")
+    return {
+        "seconds": seconds | {"total": sum(seconds.values())},
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
 def write_profile(root: Path, name: str, model: ReplacementModel, *, enabled: bool = True) -> None:
@@ -73,9 +85,25 @@ def write_profile(root: Path, name: str, model: ReplacementModel, *, enabled: bo
         "enabled": enabled,
     }
     write_json(profile, profile_dir / "profile.json")
+    runs = {}
     for index, (prompt_id, prompt) in enumerate(PROMPTS.items()):
         graph = attribute(prompt, model, max_n_logits=3, progress=False)
-        write_prompt_dir(graph, profile_dir / prompt_id, plot=index == 0)
+        validation = model if name == "tiny-clt" else None
+        runs[prompt_id] = write_prompt(
+            graph, root, name, prompt_id, plot=index == 0, validation=validation
+        )
+    write_json(runs, outputs.runs_path(root, name))
+
+
+def copy_profile(pipeline_root: Path, root: Path, name: str, new_name: str | None = None) -> None:
+    """One profile's files of every stage, optionally under a new profile name."""
+    new_name = new_name or name
+    for part in ("profiles", "graphs", "validation"):
+        if (pipeline_root / part / name).is_dir():
+            shutil.copytree(pipeline_root / part / name, root / part / new_name)
+    if outputs.runs_path(pipeline_root, name).is_file():
+        outputs.runs_path(root, new_name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(outputs.runs_path(pipeline_root, name), outputs.runs_path(root, new_name))
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +126,13 @@ def pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def validation_file(root: Path, name: str) -> Path | None:
+    """The validate stage's JSON of `name` ("profile/prompt"), if that profile was validated."""
+    profile, prompt = name.split("/")
+    path = outputs.validation_dir(root, profile) / f"{prompt}.json"
+    return path if path.is_file() else None
+
+
 def mlflow_client(uri: str):
     # Imported here, after tracer.tracking has switched MLflow's telemetry off.
     from mlflow import MlflowClient
@@ -117,8 +152,8 @@ def all_runs(client, experiment: str = "tracer") -> list:
 def write_dvc_lock(path: Path, root: Path) -> None:
     """A dvc.lock with the graph stage of each profile and an unrelated stage."""
     stages = {
-        f"graphs@{name}": {
-            "cmd": f"python pipelines/graphs.py {name}",
+        f"prune@{name}": {
+            "cmd": f"python -m pipelines.prune {name}",
             "deps": [{"path": "tracer/attribute.py", "md5": "a" * 32}],
             "outs": [{"path": f"{root.name}/profiles/{name}", "md5": f"{i:032d}.dir"}],
         }
@@ -162,7 +197,8 @@ def test_runs_hold_params_metrics_artifacts_of_the_files(pipeline_root: Path, tm
     for name, run in nested.items():
         profile, prompt_id = name.split("/")
         directory = root / "profiles" / profile / prompt_id
-        graph = Graph.load(directory / "graph.safetensors")
+        graph_file = outputs.graph_path(root, profile, prompt_id)
+        graph = Graph.load(graph_file)
         profile_json = json.loads((directory.parent / "profile.json").read_text())
         assert run.data.tags[PARENT_TAG] == parent.info.run_id and run.info.status == "FINISHED"
         assert run.data.tags["mlflow.source.git.commit"] == "c0ffee"
@@ -170,10 +206,11 @@ def test_runs_hold_params_metrics_artifacts_of_the_files(pipeline_root: Path, tm
             profile,
             prompt_id,
             (directory / "scores.json").read_bytes(),
-            file_sha256(directory / "graph.safetensors"),
+            file_sha256(graph_file),
+            validation.read_bytes() if (validation := validation_file(root, name)) else b"",
         )
         assert run.data.tags[RUN_KEY_TAG] == key
-        assert run.data.tags["tracer.dvc.stages"] == f"graphs@{profile}"
+        assert run.data.tags["tracer.dvc.stages"] == f"prune@{profile}"
         assert len(run.data.tags["tracer.dvc.hash"]) == 64
 
         params = run.data.params
@@ -200,12 +237,24 @@ def test_runs_hold_params_metrics_artifacts_of_the_files(pipeline_root: Path, tm
         assert metrics["active_features"] == graph.active_features.shape[0]
         assert metrics["selected_features"] == graph.selected_features.shape[0]
         assert metrics["n_backward"] == graph.metadata["n_backward"]
-        timings = graph.metadata["timings"]
-        for phase, seconds in timings.items():
-            assert metrics[f"seconds_{phase}"] == pytest.approx(seconds, abs=1e-12)
-        assert metrics["total_seconds"] == pytest.approx(
-            sum(timings.values()) + metrics["seconds_prune"], abs=1e-9
-        )
+        timings = json.loads(outputs.runs_path(root, profile).read_text())[prompt_id]
+        seconds = dict(timings["seconds"])
+        assert metrics["total_seconds"] == pytest.approx(seconds.pop("total"), abs=1e-12)
+        for phase, value in seconds.items():
+            assert metrics[f"seconds_{phase}"] == pytest.approx(value, abs=1e-12)
+        assert metrics["peak_memory_bytes"] == timings["peak_memory_bytes"]
+        validation = validation_file(root, name)
+        if validation is not None:  # recomputed from the CSV rows, not read from the summary
+            rows = list(csv.DictReader(validation.with_suffix(".csv").open()))
+            for mode in ("direct", "full"):
+                measured = [float(r["measured"]) for r in rows if r["mode"] == mode]
+                kind = "predicted_direct" if mode == "direct" else "predicted_total"
+                predicted = [float(r[kind]) for r in rows if r["mode"] == mode]
+                assert metrics[f"validation_{mode}_spearman"] == pytest.approx(
+                    spearman(torch.tensor(predicted), torch.tensor(measured)), abs=1e-9
+                )
+        else:
+            assert not any(k.startswith("validation_") for k in metrics)
         history = client.get_metric_history(run.info.run_id, "curve_replacement")
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
         for metric in history:
@@ -213,14 +262,18 @@ def test_runs_hold_params_metrics_artifacts_of_the_files(pipeline_root: Path, tm
             assert metric.value == pytest.approx(point.replacement, abs=1e-12)
 
         artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
-        expected_files = {"graph.safetensors", "pruned.json", "scores.json"}
+        expected_files = {graph_file.name, "pruned.json", "scores.json"}
         if prompt_id == "capital":
             expected_files.add("pruning_curve.png")
+        if validation is not None:
+            expected_files.add("validation")
+            tables = {f.path for f in client.list_artifacts(run.info.run_id, "validation")}
+            assert tables == {f"validation/{prompt_id}.json", f"validation/{prompt_id}.csv"}
         assert artifacts == expected_files
         downloaded = Path(
-            client.download_artifacts(run.info.run_id, "graph.safetensors", str(tmp_path))
+            client.download_artifacts(run.info.run_id, graph_file.name, str(tmp_path))
         )
-        assert file_sha256(downloaded) == file_sha256(directory / "graph.safetensors")
+        assert file_sha256(downloaded) == file_sha256(graph_file)
         back = Graph.load(downloaded)
         assert torch.equal(back.adjacency_matrix, graph.adjacency_matrix)
         assert back.metadata == graph.metadata
@@ -240,9 +293,16 @@ def test_second_call_logs_nothing_and_a_changed_result_one_run(pipeline_root: Pa
     assert sorted(again["skipped"]) == sorted(e["name"] for e in first["logged"])
     assert len(all_runs(client)) == 5
 
+    # other timings (a re-run of the same stage) are not a new result
+    runs_file = outputs.runs_path(root, "tiny-clt")
+    timings = json.loads(runs_file.read_text())
+    timings["short"]["seconds"]["prune"] = 1.5
+    write_json(timings, runs_file)
+    assert log_pipeline(root, uri=uri)["logged"] == []
+
     scores_path = root / "profiles" / "tiny-clt" / "short" / "scores.json"
     scores = json.loads(scores_path.read_text())
-    write_json(scores | {"seconds": scores["seconds"] | {"prune": 1.5}}, scores_path)
+    write_json(scores | {"pruned_nodes": scores["pruned_nodes"] + 1}, scores_path)
     third = log_pipeline(root, uri=uri)
     assert [e["name"] for e in third["logged"]] == ["tiny-clt/short"]
     runs = all_runs(client)
@@ -250,11 +310,12 @@ def test_second_call_logs_nothing_and_a_changed_result_one_run(pipeline_root: Pa
     new_run = client.get_run(third["logged"][0]["run_id"])
     assert new_run.data.tags[PARENT_TAG] == third["parent_run_id"]
     assert new_run.data.metrics["seconds_prune"] == 1.5
+    assert new_run.data.metrics["pruned_nodes"] == scores["pruned_nodes"] + 1
 
 
 def test_disabled_profile_is_skipped(pipeline_root: Path, tmp_path: Path):
     root = tmp_path / "outputs"
-    shutil.copytree(pipeline_root / "profiles" / "off", root / "profiles" / "off")
+    copy_profile(pipeline_root, root, "off")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = log_pipeline(root, uri=uri)
     assert summary["disabled_profiles"] == ["off"] and summary["logged"] == []
@@ -266,7 +327,7 @@ def test_an_interrupted_run_is_logged_again(
     pipeline_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     root = tmp_path / "outputs"
-    shutil.copytree(pipeline_root / "profiles" / "tiny-plt", root / "profiles" / "tiny-plt")
+    copy_profile(pipeline_root, root, "tiny-plt")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log_result = tracking._log_result
 
@@ -288,7 +349,7 @@ def test_an_interrupted_run_is_logged_again(
 
 def test_a_score_that_is_not_a_number_is_refused(pipeline_root: Path, tmp_path: Path):
     root = tmp_path / "outputs"
-    shutil.copytree(pipeline_root / "profiles" / "tiny-plt", root / "profiles" / "tiny-plt")
+    copy_profile(pipeline_root, root, "tiny-plt")
     path = root / "profiles" / "tiny-plt" / "short" / "scores.json"
     write_json(json.loads(path.read_text()) | {"replacement": "high"}, path)
     with pytest.raises(ValueError, match="short/scores.json: replacement must be a number"):
@@ -308,7 +369,7 @@ def test_dvc_stage_tags_match_the_profile_not_its_prefix(tmp_path: Path):
     root = tmp_path / "outputs"
     write_dvc_lock(tmp_path / "dvc.lock", root)
     tags = dvc_stage_tags(tmp_path / "dvc.lock", "tiny-plt", root / "profiles" / "tiny-plt")
-    assert tags["tracer.dvc.stages"] == "graphs@tiny-plt"
+    assert tags["tracer.dvc.stages"] == "prune@tiny-plt"
     other = dvc_stage_tags(tmp_path / "dvc.lock", "tiny-clt", root / "profiles" / "tiny-clt")
     assert other["tracer.dvc.hash"] != tags["tracer.dvc.hash"]
     assert dvc_stage_tags(tmp_path / "dvc.lock", "tiny", root / "profiles" / "tiny") == {}
@@ -327,11 +388,17 @@ def test_track_script_prints_the_summary(
     root = copy_root(pipeline_root, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     track = runpy.run_path(str(PIPELINES / "track.py"))
-    track["main"](["--root", str(root)])
+    track["main"](["--root", str(root), "--summary", str(tmp_path / "first.json")])
     summary = json.loads(capsys.readouterr().out)
     assert len(summary["logged"]) == 4 and summary["parent_run_id"]
     parent = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).get_run(summary["parent_run_id"])
     assert "mlflow.source.git.commit" in parent.data.tags  # the repository is a git checkout
+    # the summary file says what the store holds, so a call that logs nothing writes the same
+    track["main"](["--root", str(root), "--summary", str(tmp_path / "second.json")])
+    assert json.loads(capsys.readouterr().out)["logged"] == []
+    first = (tmp_path / "first.json").read_bytes()
+    assert first == (tmp_path / "second.json").read_bytes()
+    assert set(json.loads(first)["run_keys"]) == {e["name"] for e in summary["logged"]}
 
 
 # ---- concurrent writers ------------------------------------------------------------------------
@@ -348,7 +415,7 @@ def test_parallel_writers_to_one_prepared_sqlite_store(pipeline_root: Path, tmp_
     roots = []
     for name in ("writer-a", "writer-b"):
         root = tmp_path / name
-        shutil.copytree(pipeline_root / "profiles" / "tiny-plt", root / "profiles" / name)
+        copy_profile(pipeline_root, root, "tiny-plt", name)
         roots.append(root)
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     writers = [
@@ -417,7 +484,7 @@ def mlflow_server(tmp_path: Path):
 @pytest.mark.slow
 def test_logs_to_a_real_server(pipeline_root: Path, tmp_path: Path, mlflow_server: str):
     root = tmp_path / "outputs"
-    shutil.copytree(pipeline_root / "profiles" / "tiny-clt", root / "profiles" / "tiny-clt")
+    copy_profile(pipeline_root, root, "tiny-clt")
     summary = log_pipeline(root, uri=mlflow_server)
     assert len(summary["logged"]) == 2
     client = mlflow_client(mlflow_server)
@@ -425,12 +492,12 @@ def test_logs_to_a_real_server(pipeline_root: Path, tmp_path: Path, mlflow_serve
     assert len(runs) == 3
     for entry in summary["logged"]:
         run = client.get_run(entry["run_id"])
-        directory = root / "profiles" / entry["name"]
-        expected = Graph.load(directory / "graph.safetensors").scores().replacement
+        graph_file = outputs.graph_path(root, *entry["name"].split("/"))
+        expected = Graph.load(graph_file).scores().replacement
         assert run.data.metrics["replacement"] == pytest.approx(expected, abs=1e-12)
-        graph_file = client.download_artifacts(
-            entry["run_id"], "graph.safetensors", str(tmp_path / entry["name"].replace("/", "-"))
+        downloaded = client.download_artifacts(
+            entry["run_id"], graph_file.name, str(tmp_path / entry["name"].replace("/", "-"))
         )
-        assert file_sha256(graph_file) == file_sha256(directory / "graph.safetensors")
-    assert any((tmp_path / "artifacts").rglob("graph.safetensors"))  # proxied to the server
+        assert file_sha256(downloaded) == file_sha256(graph_file)
+    assert any((tmp_path / "artifacts").rglob("*.safetensors"))  # proxied to the server
     assert log_pipeline(root, uri=mlflow_server)["logged"] == []

@@ -1,7 +1,8 @@
 """Cross-profile comparison tables over the graphs stage's files: scores, sizes, layers, matching.
 
-The graphs stage writes `ROOT/profiles/PROFILE/profile.json` and, per prompt,
-`PROFILE/PROMPT/graph.safetensors` and `PROFILE/PROMPT/scores.json`. Every table here is a list of
+Reads, in the layout of `tracer.outputs`, `ROOT/profiles/PROFILE/profile.json` and, per prompt,
+`ROOT/profiles/PROFILE/PROMPT/scores.json` (prune stage) and `ROOT/graphs/PROFILE/PROMPT.safetensors`
+(attribute stage). Every table here is a list of
 rows (dicts keyed by the table's `*_COLUMNS`), one CSV file each in `write_tables`:
 
 - scores: one row per (profile, prompt), the scores and sizes stored in scores.json.
@@ -30,17 +31,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tracer import outputs
 from tracer.atomic import write_text
 from tracer.graph import Graph
 from tracer.hub import is_hf_uri
+from tracer.outputs import PROFILE_FILE, SCORES_FILE
 from tracer.transcoder_files import load_transcoders
 from tracer.transcoders import TranscoderSet
 from tracer.zoo.layout import write_json
 
 PROFILES_DIR = "profiles"
-PROFILE_FILE = "profile.json"
-GRAPH_FILE = "graph.safetensors"
-SCORES_FILE = "scores.json"
 DEFAULT_MIN_COSINE = 0.7
 
 SCORE_FIELDS = (
@@ -86,11 +86,11 @@ class ProfileRun:
 
     name: str
     info: dict  # profile.json: name, model, transcoders, revision, transcoder_revision, dtype, ...
-    folder: Path
-    prompts: tuple[str, ...]  # prompt ids with a graph file, sorted
+    folder: Path  # ROOT/profiles/PROFILE
+    prompts: tuple[str, ...]  # prompt ids with scores and a graph file, sorted
 
     def graph(self, prompt: str) -> Graph:
-        return Graph.load(self.folder / prompt / GRAPH_FILE)
+        return Graph.load(outputs.graph_path(self.folder.parent.parent, self.name, prompt))
 
     def scores(self, prompt: str) -> dict:
         """The prompt's scores.json (scores, sizes, thresholds, pruning curve)."""
@@ -109,7 +109,7 @@ class ProfileRun:
 
 
 def find_profiles(root: str | Path) -> tuple[list[ProfileRun], dict[str, str]]:
-    """Enabled profiles with graphs under `root/profiles`, sorted by name, and the skipped ones
+    """Enabled profiles with results under `root/profiles`, sorted by name, and the skipped ones
     (profile name -> reason). Hidden folders (a stage's temporary folders) are ignored."""
     base = Path(root) / PROFILES_DIR
     if not base.is_dir():
@@ -127,10 +127,15 @@ def find_profiles(root: str | Path) -> tuple[list[ProfileRun], dict[str, str]]:
             skipped[folder.name] = "disabled"
             continue
         prompts = tuple(
-            sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / GRAPH_FILE).is_file())
+            sorted(
+                p.name
+                for p in folder.iterdir()
+                if (p / SCORES_FILE).is_file()
+                and outputs.graph_path(root, folder.name, p.name).is_file()
+            )
         )
         if not prompts:
-            skipped[folder.name] = f"no {GRAPH_FILE} in any prompt folder"
+            skipped[folder.name] = "no prompt with both scores and a graph file"
             continue
         runs.append(ProfileRun(folder.name, info, folder, prompts))
     return runs, skipped

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 from huggingface_hub import HfApi, RepoFile, snapshot_download
@@ -135,6 +137,24 @@ def git_blob_sha1(path: Path) -> str:
 
 
 # ---- hub -----------------------------------------------------------------------------------------
+def materialize(record: dict, dest: Path) -> dict:
+    """Copy a fetched hub folder out of the huggingface_hub cache into `dest`; the new record.
+
+    Hard links where the filesystem allows (no second copy of the weights on disk), else copies.
+    The folder then belongs to the caller, e.g. as a DVC-cached output that `dvc push` / `dvc
+    pull` move to machines without hub access; its content hash is the record's.
+    """
+    source, dest = Path(record["path"]), Path(dest)
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        target = dest / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path.resolve(), target)
+        except OSError:
+            shutil.copyfile(path, target)
+    return {**record, "path": str(dest)}
+
+
 def _error(ref: HfRef, reason: str) -> FetchError:
     return FetchError(
         f"cannot fetch repo {ref.repo_id!r} at revision {ref.revision or 'main'!r}: {reason}"

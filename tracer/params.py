@@ -78,6 +78,22 @@ class PruningParams(_Strict):
         return self
 
 
+class ValidationParams(_Strict):
+    """Graph validation: ablate the top-N feature nodes and compare with the graph's predictions."""
+
+    top_n: int = Field(10, ge=1, description="feature nodes ablated per graph, by influence")
+    modes: list[Literal["direct", "frozen_attention", "full"]] = Field(
+        default_factory=lambda: ["direct", "frozen_attention", "full"], min_length=1
+    )
+    batch_size: int = Field(32, ge=2, description="intervention rows per forward (one baseline)")
+
+    @model_validator(mode="after")
+    def _distinct_modes(self) -> ValidationParams:
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes must be distinct, got {self.modes}")
+        return self
+
+
 class TrackingParams(_Strict):
     experiment: str = Field("tracer", min_length=1)
 
@@ -88,6 +104,7 @@ class Params(_Strict):
     prompts: list[PromptSpec] = Field(min_length=1)
     attribution: AttributionParams = AttributionParams()
     pruning: PruningParams = PruningParams()
+    validation: ValidationParams = ValidationParams()
     tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")

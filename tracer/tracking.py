@@ -1,14 +1,18 @@
 """MLflow adapter: log the files the pipeline wrote, one parent run per pipeline execution.
 
 The only module that imports mlflow; the library core never calls it. Input, per profile and
-prompt, is what the prune stage writes under `<root>/profiles/{profile}/{prompt_id}/`
-(`graph.safetensors`, `pruned.json`, `scores.json`, optional `pruning_curve.png`) next to
-`<root>/profiles/{profile}/profile.json`; compare tables are `<root>/compare/*.csv|json`.
+prompt, is the pipeline's files in the layout of `tracer.outputs`: the prune stage's
+`<root>/profiles/{profile}/{prompt_id}/` (`pruned.json`, `scores.json`, optional
+`pruning_curve.png`) next to `<root>/profiles/{profile}/profile.json`, the attribute stage's graph
+file `<root>/graphs/{profile}/{prompt_id}.safetensors` and timings `<root>/runs/{profile}.json`
+(optional), the validate stage's `<root>/validation/{profile}/{prompt_id}.csv|json` (optional);
+compare tables are `<root>/compare/*.csv|json`.
 
 Each (profile, prompt) becomes a nested run keyed by the tag `tracer.run_key` (a sha256 of the
-profile, the prompt id, the scores.json bytes and the graph file's sha256). A run that already
-finished with the same key is not logged again, and a pipeline with nothing new creates no
-parent run, so a repeated `dvc repro` logs nothing. Runs are written with an explicit
+profile, the prompt id, the scores.json bytes, the graph file's sha256 and the validation JSON's
+bytes; timings are not part of it). A run that already finished with the same key is not logged
+again, and a pipeline with nothing new creates no parent run, so a repeated `dvc repro` (or a
+stage re-run with identical results) logs nothing. Runs are written with an explicit
 `MlflowClient`, never the fluent API's global active run, so several callers in one process
 cannot step on each other.
 
@@ -16,9 +20,10 @@ Names, fixed so MLflow's compare view lines runs up across profiles:
 - params: profile, model, revision, transcoders, transcoder_revision, dtype, family, prompt_id,
   node_threshold, edge_threshold, and every attribution setting of `graph.metadata["config"]`
   under its own name (max_n_logits, desired_logit_prob, batch_size, ...).
-- metrics: SCORE_METRICS below, n_backward, seconds_<phase> for each phase of scores.json
-  "seconds" except "total", total_seconds (that "total", else the phases' sum), and the pruning
-  curve as the series curve_<field> with step = the curve point's index.
+- metrics: SCORE_METRICS below, n_backward, seconds_<phase> for each phase of the run's timings
+  "seconds" except "total", total_seconds (that "total", else the phases' sum), peak_memory_bytes,
+  validation_<mode>_spearman and validation_<mode>_median_relative_error, and the pruning curve
+  as the series curve_<field> with step = the curve point's index.
 - tags: tracer.run_key, tracer.profile, tracer.prompt_id, tracer.version (the library version
   that wrote the graph), mlflow.source.git.commit / mlflow.source.git.dirty (from `git_tags`),
   tracer.dvc.stages (the dvc.lock stages of this profile, comma-joined) and tracer.dvc.hash
@@ -41,7 +46,8 @@ from pathlib import Path
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from tracer.graph import FORMAT, library_version
+from tracer import outputs
+from tracer.graph import library_version
 
 # Before mlflow is imported: it sets up its telemetry client at import time.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -53,6 +59,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY, MLFLOW
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH  # noqa: E402
 
 RUN_KEY_TAG = "tracer.run_key"
+GRAPH_FORMATS = "tracer.graph/"  # every version of the graph file format has this prefix
 PROFILE_FIELDS = ("model", "revision", "transcoders", "transcoder_revision", "dtype")
 SCORE_METRICS = (
     "replacement",
@@ -65,7 +72,6 @@ SCORE_METRICS = (
     "pruned_edges",
     "active_features",
     "selected_features",
-    "peak_memory_bytes",
 )
 CURVE_FIELDS = (
     "node_threshold",
@@ -75,8 +81,8 @@ CURVE_FIELDS = (
     "replacement",
     "completeness",
 )
-ARTIFACTS = ("graph.safetensors", "pruned.json", "scores.json")
-OPTIONAL_ARTIFACTS = ("pruning_curve.png",)
+ARTIFACTS = (outputs.PRUNED_FILE, outputs.SCORES_FILE)
+OPTIONAL_ARTIFACTS = (outputs.CURVE_PLOT,)
 
 
 # ---- the store ---------------------------------------------------------------------------------
@@ -171,9 +177,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def run_key(profile: str, prompt_id: str, scores_json: bytes, graph_sha256: str) -> str:
+def run_key(
+    profile: str, prompt_id: str, scores_json: bytes, graph_sha256: str, validation: bytes = b""
+) -> str:
     """The identity of one logged result: same key, same numbers and same graph file."""
     parts = [profile, prompt_id, hashlib.sha256(scores_json).hexdigest(), graph_sha256]
+    if validation:
+        parts.append(hashlib.sha256(validation).hexdigest())
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -187,8 +197,11 @@ class PromptResult:
     directory: Path
     profile_info: dict
     scores: dict
-    graph_header: dict  # the tracer header of graph.safetensors
+    graph_path: Path
+    graph_header: dict  # the tracer header of the graph file
     run_key: str
+    timings: dict  # {"seconds": {phase: s}, "peak_memory_bytes": n}, or {} when not recorded
+    validation: Path | None  # the validate stage's JSON, when it ran
 
     @property
     def name(self) -> str:
@@ -203,8 +216,8 @@ def read_graph_header(path: Path) -> dict:
     except (SafetensorError, OSError) as err:
         raise ValueError(f"graph file {path} is corrupt or truncated: {err}") from err
     header = json.loads(raw) if raw is not None else None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a tracer graph ({FORMAT})")
+    if not isinstance(header, dict) or not str(header.get("format")).startswith(GRAPH_FORMATS):
+        raise ValueError(f"{path} is not a tracer graph ({GRAPH_FORMATS}*)")
     return header
 
 
@@ -234,24 +247,46 @@ def find_results(root: str | Path) -> tuple[list[PromptResult], list[str]]:
         if not info["enabled"]:
             disabled.append(profile_dir.name)
             continue
+        runs_file = outputs.runs_path(root, profile_dir.name)
+        runs = _read_json(runs_file) if runs_file.is_file() else {}
         for prompt_dir in sorted(p for p in profile_dir.glob("*") if (p / "scores.json").is_file()):
-            results.append(_read_result(profile_dir.name, prompt_dir, info))
+            results.append(_read_result(Path(root), prompt_dir, info, runs))
     return results, disabled
 
 
-def _read_result(profile: str, directory: Path, info: dict) -> PromptResult:
+def _read_result(root: Path, directory: Path, info: dict, runs: dict) -> PromptResult:
+    profile, prompt = directory.parent.name, directory.name
     for name in ARTIFACTS:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} does not exist; the prune stage writes it")
+    graph_path = outputs.graph_path(root, profile, prompt)
+    if not graph_path.is_file():
+        raise FileNotFoundError(f"{graph_path} does not exist; the attribute stage writes it")
     scores_bytes = (directory / "scores.json").read_bytes()
     scores = _read_json(directory / "scores.json")
     missing = [k for k in (*SCORE_METRICS, "node_threshold", "edge_threshold") if k not in scores]
     if missing:
         raise ValueError(f"{directory / 'scores.json'} lacks {missing}")
-    graph_path = directory / "graph.safetensors"
-    key = run_key(profile, directory.name, scores_bytes, file_sha256(graph_path))
+    validation = outputs.validation_dir(root, profile) / f"{prompt}.json"
+    validation = validation if validation.is_file() else None
+    key = run_key(
+        profile,
+        prompt,
+        scores_bytes,
+        file_sha256(graph_path),
+        validation.read_bytes() if validation else b"",
+    )
     return PromptResult(
-        profile, directory.name, directory, info, scores, read_graph_header(graph_path), key
+        profile,
+        prompt,
+        directory,
+        info,
+        scores,
+        graph_path,
+        read_graph_header(graph_path),
+        key,
+        runs.get(prompt) or {},
+        validation,
     )
 
 
@@ -276,10 +311,17 @@ def run_metrics(result: PromptResult) -> list[Metric]:
     now = int(time.time() * 1000)
     values: dict[str, object] = {k: result.scores[k] for k in SCORE_METRICS}
     values["n_backward"] = result.graph_header["metadata"].get("n_backward")
-    seconds = dict(result.scores.get("seconds") or {})
-    total = seconds.pop("total", None)
-    values |= {f"seconds_{phase}": s for phase, s in seconds.items()}
-    values["total_seconds"] = sum(seconds.values()) if total is None else total
+    seconds = dict(result.timings.get("seconds") or {})
+    if seconds:
+        total = seconds.pop("total", None)
+        values |= {f"seconds_{phase}": s for phase, s in seconds.items()}
+        values["total_seconds"] = sum(seconds.values()) if total is None else total
+    values["peak_memory_bytes"] = result.timings.get("peak_memory_bytes")
+    if result.validation is not None:
+        summary = json.loads(result.validation.read_text()).get("summary") or {}
+        for mode, entry in summary.items():
+            values[f"validation_{mode}_spearman"] = entry.get("spearman")
+            values[f"validation_{mode}_median_relative_error"] = entry.get("median_relative_error")
     metrics = [Metric(k, _number(k, v, result), now, 0) for k, v in values.items() if v is not None]
     for step, point in enumerate(result.scores.get("curve") or []):
         metrics += [
@@ -324,7 +366,8 @@ def log_pipeline(
 
     `tags` go on the parent and every nested run; `dvc_lock` adds each profile's stage hashes.
     Returns {"experiment_id", "parent_run_id" (None when nothing was new), "logged": [{"name",
-    "run_id"}], "skipped": [names already logged], "disabled_profiles": [names]}."""
+    "run_id"}], "skipped": [names already logged], "disabled_profiles": [names], "run_keys":
+    {name: run key of every result, logged now or before}}."""
     uri = uri or tracking_uri("mlflow.db")
     tags = dict(tags or {})
     lock = Path(dvc_lock) if dvc_lock is not None else None
@@ -338,6 +381,7 @@ def log_pipeline(
         "logged": [],
         "skipped": [r.name for r in results if r.run_key not in {n.run_key for n in new}],
         "disabled_profiles": disabled,
+        "run_keys": {r.name: r.run_key for r in results},
     }
     if not new:
         return summary
@@ -387,9 +431,15 @@ def _log_result(client: MlflowClient, run_id: str, result: PromptResult) -> None
         client.log_batch(run_id, params=batch)
     for batch in _chunks(run_metrics(result), MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=batch)
+    client.log_artifact(run_id, str(result.graph_path))
     for name in ARTIFACTS + OPTIONAL_ARTIFACTS:
         if (result.directory / name).is_file():
             client.log_artifact(run_id, str(result.directory / name))
+    if result.validation is not None:
+        client.log_artifact(run_id, str(result.validation), "validation")
+        table = result.validation.with_suffix(".csv")
+        if table.is_file():
+            client.log_artifact(run_id, str(table), "validation")
 
 
 def _compare_tables(root: str | Path) -> list[Path]:

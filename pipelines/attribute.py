@@ -1,0 +1,85 @@
+"""DVC stage attribute@PROFILE: the full attribution graph of every prompt under one profile.
+
+Reads `outputs/fetched/PROFILE/fetched.json` (where to load the model and transcoders from) and
+writes `outputs/graphs/PROFILE/`: `profile.json` and `PROMPT.safetensors` per prompt. Seconds per
+phase and peak memory go to `outputs/runs/PROFILE.json`, outside every DVC output, so the graphs
+are byte-identical for identical inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from tracer import outputs
+from tracer.atomic import write_json
+from tracer.attribute import attribute
+from tracer.params import load_params
+from tracer.replacement import ReplacementModel
+from tracer.zoo.layout import write_folder
+
+ROOT = Path("outputs")
+
+
+def load_fetched(name: str) -> dict:
+    path = outputs.fetched_dir(ROOT, name) / outputs.FETCHED_FILE
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist; run the fetch stage first (`dvc repro`)")
+    return json.loads(path.read_text())
+
+
+def load_model(fetched: dict) -> ReplacementModel:
+    """The profile's model from the folders the fetch stage recorded."""
+    model, transcoders = fetched["model"], fetched["transcoders"]
+    replacement = ReplacementModel.from_pretrained(
+        model["path"], transcoders["path"], dtype=fetched["dtype"]
+    )
+    # Graphs name what was fetched (hub id and commit), not the local folder it was copied to.
+    replacement.model_id, replacement.model_revision = model["source"], model["revision"]
+    replacement.transcoders.source = transcoders["source"]
+    replacement.transcoders.revision = transcoders["revision"]
+    return replacement
+
+
+def main(name: str) -> None:
+    params = load_params()
+    if name not in params.profiles:
+        raise SystemExit(f"unknown profile {name!r}; params.yaml defines {sorted(params.profiles)}")
+    profile = params.profiles[name]
+    settings = params.attribution
+    runs: dict[str, dict] = {}
+
+    def fill(folder: Path) -> None:
+        write_json(folder / outputs.PROFILE_FILE, {"name": name, **profile.model_dump()})
+        if not profile.enabled:
+            return
+        model = load_model(load_fetched(name))
+        for spec in params.prompts:
+            start = time.perf_counter()
+            graph = attribute(
+                spec.text,
+                model,
+                max_n_logits=settings.max_n_logits,
+                desired_logit_prob=settings.desired_logit_prob,
+                targets=spec.targets,
+                batch_size=settings.batch_size,
+                max_feature_nodes=settings.max_feature_nodes,
+                progress=False,
+            )
+            timings = graph.metadata.pop("timings")
+            graph.save(folder / f"{spec.id}{outputs.GRAPH_SUFFIX}")
+            runs[spec.id] = {
+                "seconds": timings | {"total": time.perf_counter() - start},
+                "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+            print(f"{name}/{spec.id}: {graph.adjacency_matrix.shape[0]} nodes")
+
+    write_folder(outputs.graphs_dir(ROOT, name), fill)
+    write_json(outputs.runs_path(ROOT, name), runs, indent=2, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
