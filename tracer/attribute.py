@@ -169,6 +169,11 @@ class RowComputer:
         self.model, self.sources, self.batch = model, sources, batch
         self.n_pos = state.n_pos
         self.linear: LinearPass = model.linear_forward(state, batch)
+        # The backward needs only the graph of these outputs, not their values (the pass is
+        # linear with frozen coefficients, so no op saved a batch-sized activation): free their
+        # memory now, so that what stays is the batch's gradient buffers alone.
+        for output in (*self.linear.reads, self.linear.final_hidden):
+            output.untyped_storage().resize_(0)
         self.n_backward = 0
 
     def rows(self, targets: list[Target], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,17 +251,22 @@ def _influence_on_logits(
     """Estimated influence of every column node on the logits from the rows known so far.
 
     rows (n_rows, n_columns), row_nodes (n_rows,) the column index each row's node has (logits get
-    indices >= n_columns), logit_weights (n_rows,) nonzero on logit rows.
+    indices >= n_columns), logit_weights (n_rows,) nonzero on logit rows. The rows are read in
+    blocks: no copy of them is made.
     """
-    normalized = rows.abs()
-    normalized /= normalized.sum(1, keepdim=True).clamp_min(1e-30)
+    row_sums = torch.cat([block.abs().sum(1) for block in _row_blocks(rows)])
     position = torch.full((n_columns,), -1, dtype=torch.long)
     known = row_nodes < n_columns
     position[row_nodes[known]] = known.nonzero(as_tuple=True)[0]
     influence = torch.zeros(n_columns, dtype=rows.dtype)
     current = logit_weights.clone()
     for _ in range(rows.shape[0] + 1):
-        spread = current @ normalized
+        scaled = current / row_sums.clamp_min(1e-30)  # spreading |rows| normalised to sum 1
+        spread = torch.zeros(n_columns, dtype=rows.dtype)
+        start = 0
+        for block in _row_blocks(rows):
+            spread += scaled[start : start + block.shape[0]] @ block.abs()
+            start += block.shape[0]
         influence += spread
         current = torch.zeros_like(current)
         has_row = position >= 0
@@ -264,6 +274,12 @@ def _influence_on_logits(
         if not current.any():
             break
     return influence
+
+
+def _row_blocks(rows: torch.Tensor) -> list[torch.Tensor]:
+    """Views of `rows` in blocks of at most ELEMENT_BUDGET elements (at least one row each)."""
+    step = max(1, ELEMENT_BUDGET // max(1, rows.shape[1]))
+    return list(rows.split(step))
 
 
 def explore_features(
@@ -287,8 +303,8 @@ def explore_features(
     greedy = budget < n_active
     dtype = sources.tokens.dtype
     if greedy:  # rows over all active features' columns, compacted at the end
-        rows = torch.zeros(budget + k, n_columns, dtype=dtype)
-        feature_rows, logit_rows = rows[:budget], rows[budget:]
+        rows = torch.zeros(k + budget, n_columns, dtype=dtype)  # [logits | features so far]
+        logit_rows, feature_rows = rows[:k], rows[k:]
     else:
         adjacency = torch.zeros(n_columns + k, n_columns + k, dtype=dtype)
         feature_rows, logit_rows = (
@@ -307,7 +323,7 @@ def explore_features(
     while done < budget:
         if greedy and (done // batch) % update_interval == 0:
             influence = _influence_on_logits(
-                torch.cat([logit_rows, feature_rows[:done]]),
+                rows[: k + done],
                 torch.cat([logit_nodes, visited[:done]]),
                 torch.cat([weights, torch.zeros(done, dtype=dtype)]),
                 n_columns,
@@ -340,7 +356,11 @@ def _compact(
     n = n_sel + n_other + k
     columns = torch.cat([selected, torch.arange(n_active, n_columns)])
     adjacency = torch.zeros(n, n, dtype=feature_rows.dtype)
-    adjacency[:n_sel, : n_sel + n_other] = feature_rows[order][:, columns]
+    # a block of rows at a time: never a copy of all rows over all active features' columns
+    step = max(1, ELEMENT_BUDGET // max(1, n_columns))
+    for start in range(0, n_sel, step):
+        block = order[start : start + step]
+        adjacency[start : start + len(block), : n_sel + n_other] = feature_rows[block][:, columns]
     adjacency[n - k :, : n_sel + n_other] = logit_rows[:, columns]
     return selected, adjacency
 
