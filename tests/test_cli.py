@@ -104,6 +104,9 @@ def test_attribute_keeps_exactly_max_feature_nodes(
     assert graph.selected_features.shape == (N_FEATURES,)
     assert summary["active_features"] == graph.active_features.shape[0] > N_FEATURES
     assert summary["logits"] == [t.label for t in graph.logit_targets]
+    n = graph.layout.n_nodes
+    assert summary["file"]["file_bytes"] == path.stat().st_size
+    assert summary["file"]["dense_bytes"] == n * n * graph.adjacency_matrix.element_size()
     assert graph.input_string == PROMPT
     assert graph.metadata["model_id"] == str(fixture_dir / "model")
     assert graph.metadata["transcoder_set"] == str(fixture_dir / "transcoders")

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 import tracer.graph
 from tracer.attribute import attribute
 from tracer.graph import TENSOR_FIELDS, Graph, LogitTarget
+from tracer.graph_storage import TENSOR_NAMES
 from tracer.replacement import ReplacementModel
 
 
@@ -102,8 +103,18 @@ def test_file_is_self_describing(
         names = set(handle.keys())
         tokens = handle.get_tensor("input_tokens")
     header = json.loads(metadata["tracer"])
-    assert names == set(TENSOR_FIELDS)
-    assert header["format"] == "tracer.graph/1"
+    # The tiny graph is about 15% dense: its adjacency is stored as a bitmap and values.
+    adjacency = plt_graph.adjacency_matrix
+    nonzero = int((adjacency.view(torch.int32) != 0).sum())
+    assert nonzero < 0.2 * adjacency.numel()
+    assert header["adjacency"] == {
+        "encoding": "bitmap-zlib",
+        "n_nodes": plt_graph.layout.n_nodes,
+        "dtype": "float32",
+        "nonzero": nonzero,
+    }
+    assert names == set(TENSOR_FIELDS) - {"adjacency_matrix"} | set(TENSOR_NAMES["bitmap-zlib"])
+    assert header["format"] == "tracer.graph/2"
     assert header["library_version"] == version("tracer")
     assert header["input_string"] == tiny_prompt
     assert header["n_layers"] == 2
@@ -130,71 +141,88 @@ def test_file_is_self_describing(
 # ---------------------------------------------------------------------------- bad files
 
 
-def _write_with_header(saved: Path, path: Path, header: str | None, **changes) -> Path:
-    """A copy of `saved` with the tracer header replaced (None: no header) and tensors changed."""
+def write_with_header(
+    saved: Path, path: Path, header: str | None, drop: tuple[str, ...] = (), **changes
+) -> Path:
+    """A copy of `saved` with the tracer header replaced (None: no header), tensors changed
+    and the tensors named in `drop` left out."""
     with safe_open(str(saved), framework="pt") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k not in drop}
     tensors.update(changes)
     save_file(tensors, str(path), metadata=None if header is None else {"tracer": header})
     return path
 
 
-def _saved_header(saved: Path) -> dict:
+def saved_header(saved: Path) -> dict:
     with safe_open(str(saved), framework="pt") as handle:
         return json.loads(handle.metadata()["tracer"])
 
 
-def _truncated(saved: Path, path: Path, keep: int) -> Path:
+def truncated(saved: Path, path: Path, keep: int) -> Path:
     data = saved.read_bytes()
     path.write_bytes(data[: keep if keep >= 0 else len(data) + keep])
     return path
 
 
 BAD_FILES = {
-    "empty": lambda saved, p: _truncated(saved, p, 0),
-    "truncated in the length prefix": lambda saved, p: _truncated(saved, p, 5),
-    "truncated in the header": lambda saved, p: _truncated(saved, p, 60),
-    "truncated in the tensors": lambda saved, p: _truncated(saved, p, -1),
-    "truncated by half": lambda saved, p: _truncated(saved, p, saved.stat().st_size // 2),
+    "empty": lambda saved, p: truncated(saved, p, 0),
+    "truncated in the length prefix": lambda saved, p: truncated(saved, p, 5),
+    "truncated in the header": lambda saved, p: truncated(saved, p, 60),
+    "truncated in the tensors": lambda saved, p: truncated(saved, p, -1),
+    "truncated by half": lambda saved, p: truncated(saved, p, saved.stat().st_size // 2),
     "random bytes": lambda saved, p: p.write_bytes(os.urandom(4096)) and p,
-    "safetensors without our header": lambda saved, p: _write_with_header(saved, p, None),
+    "safetensors without our header": lambda saved, p: write_with_header(saved, p, None),
     "other metadata only": lambda saved, p: (
         save_file({"x": torch.zeros(3)}, str(p), metadata={"format": "pt"}) or p
     ),
-    "header not JSON": lambda saved, p: _write_with_header(saved, p, "{not json"),
-    "header a JSON list": lambda saved, p: _write_with_header(saved, p, "[1, 2]"),
-    "header of another format": lambda saved, p: _write_with_header(
-        saved, p, json.dumps(_saved_header(saved) | {"format": "other/9"})
+    "header not JSON": lambda saved, p: write_with_header(saved, p, "{not json"),
+    "header a JSON list": lambda saved, p: write_with_header(saved, p, "[1, 2]"),
+    "header of another format": lambda saved, p: write_with_header(
+        saved, p, json.dumps(saved_header(saved) | {"format": "other/9"})
     ),
-    "header without logit targets": lambda saved, p: _write_with_header(
+    "header without logit targets": lambda saved, p: write_with_header(
         saved,
         p,
-        json.dumps({k: v for k, v in _saved_header(saved).items() if k != "logit_targets"}),
+        json.dumps({k: v for k, v in saved_header(saved).items() if k != "logit_targets"}),
     ),
-    "logit target without weights": lambda saved, p: _write_with_header(
+    "logit target without weights": lambda saved, p: write_with_header(
         saved,
         p,
         json.dumps(
-            _saved_header(saved)
+            saved_header(saved)
             | {"logit_targets": [{"label": "x", "token_ids": [1], "probability": 0.5}]}
         ),
     ),
-    "n_layers not a number": lambda saved, p: _write_with_header(
-        saved, p, json.dumps(_saved_header(saved) | {"n_layers": "two"})
+    "n_layers not a number": lambda saved, p: write_with_header(
+        saved, p, json.dumps(saved_header(saved) | {"n_layers": "two"})
     ),
-    "adjacency of the wrong size": lambda saved, p: _write_with_header(
-        saved, p, json.dumps(_saved_header(saved)), adjacency_matrix=torch.zeros(3, 3)
-    ),
-    "selected feature out of range": lambda saved, p: _write_with_header(
+    "adjacency of the wrong size": lambda saved, p: write_with_header(
         saved,
         p,
-        json.dumps(_saved_header(saved)),
+        json.dumps(
+            saved_header(saved)
+            | {"adjacency": {"encoding": "dense", "n_nodes": 3, "dtype": "float32", "nonzero": 0}}
+        ),
+        drop=TENSOR_NAMES["bitmap-zlib"],
+        adjacency_matrix=torch.zeros(3, 3),
+    ),
+    "old-format adjacency of the wrong size": lambda saved, p: write_with_header(
+        saved,
+        p,
+        json.dumps(saved_header(saved) | {"format": "tracer.graph/1"}),
+        drop=TENSOR_NAMES["bitmap-zlib"],
+        adjacency_matrix=torch.zeros(3, 3),
+    ),
+    "selected feature out of range": lambda saved, p: write_with_header(
+        saved,
+        p,
+        json.dumps(saved_header(saved)),
         selected_features=torch.full_like(Graph.load(saved).selected_features, 10**6),
     ),
-    "active features not (n, 3)": lambda saved, p: _write_with_header(
+    "active features not (n, 3)": lambda saved, p: write_with_header(
         saved,
         p,
-        json.dumps(_saved_header(saved)),
+        json.dumps(saved_header(saved)),
         active_features=Graph.load(saved).active_features[:, :2].contiguous(),
     ),
 }

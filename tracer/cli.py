@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tracer.graph import Graph
+from tracer.graph_storage import describe
 
 
 def _fraction(name: str):
@@ -161,7 +162,7 @@ def _attribute(args: argparse.Namespace) -> None:
         offload=args.offload,
         progress=not args.quiet,
     )
-    graph.save(args.out)
+    storage = describe(graph.save(args.out))
     summary = {
         "graph": str(args.out),
         "tokens": graph.n_pos,
@@ -169,6 +170,7 @@ def _attribute(args: argparse.Namespace) -> None:
         "feature_nodes": graph.layout.n_features,
         "logits": [t.label for t in graph.logit_targets],
         "timings": graph.metadata["timings"],
+        "file": {k: storage[k] for k in ("encoding", "file_bytes", "dense_bytes", "ratio")},
     }
     print(json.dumps(summary, indent=2))
 

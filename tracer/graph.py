@@ -2,6 +2,7 @@
 
 Node order: `[selected features | errors (layer-major) | tokens | logits]`; `adjacency_matrix[t, s]`
 is the direct effect of source s on target t. Field names follow the reference tool's.
+The file stores the adjacency dense or sparse, whichever is smaller (tracer/graph_storage.py).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tracer import pruning
+from tracer import graph_storage, pruning
 from tracer.atomic import atomic_path
+from tracer.graph_storage import FORMAT
 
-FORMAT = "tracer.graph/1"
 TENSOR_FIELDS = (
     "adjacency_matrix",
     "active_features",
@@ -25,6 +26,7 @@ TENSOR_FIELDS = (
     "selected_features",
     "input_tokens",
 )
+_OTHER_TENSOR_FIELDS = tuple(n for n in TENSOR_FIELDS if n != "adjacency_matrix")
 
 
 def library_version() -> str:
@@ -159,9 +161,13 @@ class Graph:
 
     # ---- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write a .safetensors file atomically (temporary name, then rename)."""
+        """Write a .safetensors file atomically (temporary name, then rename) and return its path.
+
+        The adjacency goes in dense or as a bitmap plus non-zero values, whichever is smaller;
+        `graph_storage.describe(path)` reports which, and the sizes."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        adjacency_tensors, storage = graph_storage.encode_adjacency(self.adjacency_matrix)
         header = {
             "format": FORMAT,
             "library_version": library_version(),
@@ -169,10 +175,13 @@ class Graph:
             "input_string": self.input_string,
             "logit_targets": [t.__dict__ for t in self.logit_targets],
             "metadata": self.metadata,
+            "adjacency": storage,
         }
-        tensors = {name: getattr(self, name).contiguous() for name in TENSOR_FIELDS}
+        tensors = {name: getattr(self, name).contiguous() for name in _OTHER_TENSOR_FIELDS}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"tracer": json.dumps(header)})
+            save_file(
+                tensors | adjacency_tensors, str(tmp), metadata={"tracer": json.dumps(header)}
+            )
         return path
 
     @classmethod
@@ -180,16 +189,13 @@ class Graph:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"graph file {path} does not exist")
+        header = graph_storage.read_header(path)
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                raw = (handle.metadata() or {}).get("tracer")
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"graph file {path} is corrupt or truncated: {err}") from err
-        if raw is None:
-            raise ValueError(f"{path} is a safetensors file but not a tracer graph (no header)")
         try:
-            graph = cls._from_file_parts(json.loads(raw), tensors)
+            graph = cls._from_file_parts(header, tensors)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             reason = f"missing {err}" if isinstance(err, KeyError) else str(err)
             raise ValueError(f"graph file {path} is not a valid tracer graph: {reason}") from err
@@ -197,12 +203,8 @@ class Graph:
 
     @classmethod
     def _from_file_parts(cls, header: dict, tensors: dict[str, torch.Tensor]) -> Graph:
-        """Build a graph from a parsed header and the file's tensors, checking their shapes."""
-        if not isinstance(header, dict):
-            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
-        if header.get("format") != FORMAT:
-            raise ValueError(f"unsupported graph format {header.get('format')!r}, not {FORMAT!r}")
-        missing = [n for n in TENSOR_FIELDS if n not in tensors]
+        """Build a graph from a read header and the file's tensors, checking their shapes."""
+        missing = [n for n in _OTHER_TENSOR_FIELDS if n not in tensors]
         if missing:
             raise ValueError(f"it lacks tensors {missing}")
         n_layers, metadata = header["n_layers"], header["metadata"]
@@ -211,7 +213,8 @@ class Graph:
         if not isinstance(metadata, dict):
             raise ValueError(f"metadata must be a JSON object, got {type(metadata).__name__}")
         graph = cls(
-            **{n: tensors[n] for n in TENSOR_FIELDS},
+            adjacency_matrix=torch.empty(0, 0),  # decoded below, once the node count is known
+            **{n: tensors[n] for n in _OTHER_TENSOR_FIELDS},
             logit_targets=[
                 LogitTarget(
                     label=t["label"],
@@ -224,6 +227,10 @@ class Graph:
             input_string=header["input_string"],
             n_layers=n_layers,
             metadata=metadata,
+        )
+        # The other parts fix N, so a bad header cannot make the decoder allocate a huge matrix.
+        graph.adjacency_matrix = graph_storage.decode_adjacency(
+            header, tensors, graph.layout.n_nodes
         )
         graph._check_shapes()
         return graph

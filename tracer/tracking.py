@@ -44,10 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from safetensors import SafetensorError, safe_open
 
 from tracer import outputs
 from tracer.graph import library_version
+from tracer.graph_storage import read_header
 
 # Before mlflow is imported: it sets up its telemetry client at import time.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -59,7 +59,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY, MLFLOW
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH  # noqa: E402
 
 RUN_KEY_TAG = "tracer.run_key"
-GRAPH_FORMATS = "tracer.graph/"  # every version of the graph file format has this prefix
 PROFILE_FIELDS = ("model", "revision", "transcoders", "transcoder_revision", "dtype")
 SCORE_METRICS = (
     "replacement",
@@ -208,19 +207,6 @@ class PromptResult:
         return f"{self.profile}/{self.prompt_id}"
 
 
-def read_graph_header(path: Path) -> dict:
-    """The tracer header of a graph file, without loading its tensors."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("tracer")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"graph file {path} is corrupt or truncated: {err}") from err
-    header = json.loads(raw) if raw is not None else None
-    if not isinstance(header, dict) or not str(header.get("format")).startswith(GRAPH_FORMATS):
-        raise ValueError(f"{path} is not a tracer graph ({GRAPH_FORMATS}*)")
-    return header
-
-
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; the prune stage writes it")
@@ -283,7 +269,7 @@ def _read_result(root: Path, directory: Path, info: dict, runs: dict) -> PromptR
         info,
         scores,
         graph_path,
-        read_graph_header(graph_path),
+        read_header(graph_path),
         key,
         runs.get(prompt) or {},
         validation,
