@@ -2,17 +2,29 @@
 
 The references below use numpy and plain Python loops: influence by dynamic programming in
 topological order or by a matrix inverse, thresholds by a running sum, pruning by removing one
-node at a time, and scores by enumerating every path to the logits.
+node at a time, and scores by enumerating every path to the logits. Larger graphs, read in many
+row blocks, are compared to the straightforward dense computation (whole matrices, full sorts),
+and the working memory of pruning and scoring is measured in a fresh process.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
+import tracer.pruning as pruning
+from tracer import row_blocks
 from tracer.pruning import (
     NodeLayout,
     cumulative_threshold,
@@ -226,6 +238,159 @@ def random_masks(seed: int, layout: NodeLayout) -> tuple[torch.Tensor, torch.Ten
     node_mask[layout.token_slice.start :] = True
     edge_mask = torch.rand(n, n, generator=g) < 0.7
     return node_mask, edge_mask
+
+
+def layered_graph(
+    seed: int,
+    n_features: int,
+    n_layers: int,
+    n_pos: int,
+    n_logits: int,
+    density: float = 0.8,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, NodeLayout, torch.Tensor]:
+    """An attribution-like random DAG (A (N, N), layout, w (N,)), built a few rows at a time.
+
+    Features sit at random (layer, position) cells in layer-major order and read a `density`
+    share of the features and errors of earlier layers and of the tokens, at the same or earlier
+    positions; logits read all but logits. Errors and tokens have no inputs. Edge weights are
+    cubed Gaussians, so scores span many orders of magnitude. Peak memory: A plus a few rows.
+    """
+    g = torch.Generator().manual_seed(seed)
+    layout = NodeLayout(n_features, n_layers * n_pos, n_pos, n_logits)
+    n = layout.n_nodes
+    cells = torch.randint(n_layers * n_pos, (n_features,), generator=g).sort().values
+    layer = torch.cat(
+        [
+            cells // n_pos,
+            torch.arange(n_layers).repeat_interleave(n_pos),  # errors, layer-major
+            torch.full((n_pos,), -1),  # tokens come before every layer
+            torch.full((n_logits,), n_layers),
+        ]
+    )
+    pos = torch.cat(
+        [
+            cells % n_pos,
+            torch.arange(n_pos).repeat(n_layers),
+            torch.arange(n_pos),
+            torch.full((n_logits,), n_pos - 1),
+        ]
+    )
+    has_inputs = torch.zeros(n, dtype=torch.bool)
+    has_inputs[layout.feature_slice] = has_inputs[layout.logit_slice] = True
+    adjacency = torch.zeros(n, n, dtype=dtype)
+    for start in range(0, n, 256):
+        rows = slice(start, min(start + 256, n))
+        allowed = (layer[None, :] < layer[rows, None]) & (pos[None, :] <= pos[rows, None])
+        allowed &= has_inputs[rows, None] & (torch.rand(allowed.shape, generator=g) < density)
+        values = torch.randn(allowed.shape, generator=g, dtype=dtype).pow_(3)
+        adjacency[rows] = values.mul_(allowed)
+    probs = torch.rand(n_logits, generator=g, dtype=torch.float64) + 0.05
+    weights = torch.zeros(n, dtype=torch.float64)
+    weights[layout.logit_slice] = 0.9 * probs / probs.sum()
+    return adjacency, layout, weights.to(dtype)
+
+
+# The straightforward dense computation of the module docstring, in A's dtype: whole (N, N)
+# matrices, a power series of vector-matrix products, a full sort for each threshold.
+
+
+def dense_normalize(adjacency: torch.Tensor) -> torch.Tensor:
+    absolute = adjacency.abs()
+    sums = absolute.sum(dim=1, keepdim=True)
+    return absolute.div_(sums.masked_fill_(sums == 0, 1))
+
+
+def dense_influence(normalized: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    total = torch.zeros_like(weights)
+    term = weights @ normalized
+    for _ in range(len(weights) + 1):
+        if not term.any():
+            return total
+        total += term
+        term = term @ normalized
+    raise AssertionError("the test graph has a cycle")
+
+
+def dense_threshold(values: torch.Tensor, fraction: float) -> float:
+    ordered = values.reshape(-1).sort(descending=True).values
+    running = ordered.double().cumsum(0)
+    if running[-1] == 0:
+        return float(ordered[-1])
+    return float(ordered[int((running / running[-1] >= fraction).nonzero()[0])])
+
+
+@dataclass
+class DensePrune:
+    """Each step of the dense pruning: influence, node mask, edge scores and threshold, masks."""
+
+    influence: torch.Tensor
+    node_threshold: float
+    node_mask: torch.Tensor  # step 1
+    scores: torch.Tensor  # (N, N) edge scores of step 2
+    edge_threshold: float
+    edge_mask: torch.Tensor  # step 3
+    final_nodes: torch.Tensor  # step 4
+    final_edges: torch.Tensor
+
+
+def dense_prune(
+    adjacency: torch.Tensor,
+    layout: NodeLayout,
+    weights: torch.Tensor,
+    node_threshold: float,
+    edge_threshold: float,
+    node_mask: torch.Tensor | None = None,
+) -> DensePrune:
+    """Dense pruning; `node_mask`, if given, replaces the node mask of step 1."""
+    influence = dense_influence(dense_normalize(adjacency), weights)
+    node_cut = dense_threshold(influence, node_threshold)
+    if node_mask is None:
+        node_mask = influence >= node_cut
+        node_mask[layout.token_slice.start :] = True
+    pruned = dense_normalize(adjacency * node_mask[:, None] * node_mask[None, :])
+    scores = pruned * (dense_influence(pruned, weights) + weights)[:, None]
+    positive = scores[scores > 0]
+    edge_cut = dense_threshold(positive, edge_threshold) if len(positive) else math.inf
+    edge_mask = scores >= edge_cut
+    final_nodes, final_edges = dense_drop_dangling(node_mask, edge_mask, layout)
+    return DensePrune(
+        influence, node_cut, node_mask, scores, edge_cut, edge_mask, final_nodes, final_edges
+    )
+
+
+def dense_drop_dangling(
+    node_mask: torch.Tensor, edge_mask: torch.Tensor, layout: NodeLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    nodes, edges = node_mask.clone(), edge_mask.clone()
+    index = torch.arange(layout.n_nodes, device=node_mask.device)
+    is_feature = index < layout.n_features
+    needs_output = index < layout.error_slice.stop
+    while True:
+        drop = nodes & (needs_output & ~edges.any(dim=0) | is_feature & ~edges.any(dim=1))
+        if not drop.any():
+            return nodes, edges
+        nodes &= ~drop
+        edges &= ~drop[:, None] & ~drop[None, :]
+
+
+def dense_scores(
+    adjacency: torch.Tensor,
+    layout: NodeLayout,
+    weights: torch.Tensor,
+    node_mask: torch.Tensor,
+    edge_mask: torch.Tensor,
+) -> tuple[float, float]:
+    """(replacement, completeness) of the subgraph, with K and d_r as whole matrices."""
+    full = dense_normalize(adjacency)
+    kept = full * edge_mask * node_mask[:, None] * node_mask[None, :]
+    dropped = (full.sum(dim=1) - kept.sum(dim=1)).clamp(min=0) * node_mask
+    influence = dense_influence(kept, weights)
+    reach = (influence + weights) * node_mask
+    token = influence[layout.token_slice].sum()
+    error = influence[layout.error_slice].sum() + (reach * dropped).sum()
+    non_error = (1 - kept[:, layout.error_slice].sum(dim=1) - dropped).clamp(min=0)
+    return float(token / (token + error)), float((non_error * reach).sum() / reach.sum())
 
 
 # ---------------------------------------------------------------------------- layout, normalise
@@ -525,3 +690,154 @@ def test_scores_reject_bad_masks():
         graph_scores(adjacency, layout, weights, node_mask=torch.ones(n))
     with pytest.raises(ValueError, match="edge_mask must be a bool tensor"):
         graph_scores(adjacency, layout, weights, edge_mask=torch.ones(n, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------- row blocks = dense
+
+DENSE_CASES = {  # name: graph builder and its arguments, all but the dtype
+    "layered": (layered_graph, dict(seed=50, n_features=300, n_layers=4, n_pos=6, n_logits=10)),
+    "permuted": (random_graph, dict(seed=51, n_features=80, n_layers=2, n_pos=4, n_logits=5)),
+    "one-logit": (
+        layered_graph,
+        dict(seed=52, n_features=150, n_layers=3, n_pos=4, n_logits=1, density=0.3),
+    ),
+    "no-errors": (random_graph, dict(seed=53, n_features=60, n_layers=0, n_pos=3)),
+}
+# Blockwise and dense sum in different orders: influence and scores agree to about this, relative.
+ROUNDING = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def within_rounding(values: torch.Tensor, value: float, threshold: float, rtol: float) -> bool:
+    """Whether rounding can flip the decision `value >= threshold`.
+
+    True when the two are within `rtol`, or when the values between them carry no more of the
+    total than float64 rounding does (the running sum crosses the fraction there).
+    """
+    low, high = sorted((value, threshold))
+    between = values[(values >= low) & (values <= high)].double().sum()
+    return abs(value - threshold) <= rtol * threshold or between <= 1e-12 * values.double().sum()
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, None])  # None: the whole graph in one block
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", sorted(DENSE_CASES))
+def test_blockwise_pruning_and_scores_match_dense(case, dtype, block_rows, monkeypatch):
+    build, arguments = DENSE_CASES[case]
+    adjacency, layout, weights = build(**arguments, dtype=dtype)[:3]
+    n = layout.n_nodes
+    monkeypatch.setattr(row_blocks, "BLOCK_ELEMENTS", (block_rows or n) * n)
+    before = adjacency.clone()
+    steps = []  # the masks of steps 1 and 3, as prune hands them to step 4
+    drop_dangling = pruning._drop_dangling_
+
+    def recording(node_mask, edge_mask, layout):
+        steps.append((node_mask.clone(), edge_mask.clone()))
+        drop_dangling(node_mask, edge_mask, layout)
+
+    monkeypatch.setattr(pruning, "_drop_dangling_", recording)
+    rounding = ROUNDING[dtype]
+    flips = 0
+    for node_threshold, edge_threshold in [(0.8, 0.98), (0.5, 0.9), (1.0, 1.0), (0.3, 0.0)]:
+        result = prune(adjacency, layout, weights, node_threshold, edge_threshold)
+        nodes, edges = steps.pop()
+        dense = dense_prune(adjacency, layout, weights, node_threshold, edge_threshold)
+        torch.testing.assert_close(result.node_influence, dense.influence, rtol=rounding, atol=0)
+
+        # Masks equal apart from decisions that rounding can flip: few, and each at the threshold.
+        for i in torch.nonzero(nodes != dense.node_mask).flatten().tolist():
+            assert within_rounding(
+                dense.influence, float(dense.influence[i]), dense.node_threshold, 10 * rounding
+            )
+            flips += 1
+        if not torch.equal(nodes, dense.node_mask):  # compare the edges on the same nodes
+            dense = dense_prune(adjacency, layout, weights, 0, edge_threshold, node_mask=nodes)
+        positive = dense.scores[dense.scores > 0]
+        for t, s in torch.nonzero(edges != dense.edge_mask).tolist():
+            score = float(dense.scores[t, s])
+            assert within_rounding(positive, score, dense.edge_threshold, 10 * rounding)
+            flips += 1
+        assert int(edges.sum()) > 0
+        final_nodes, final_edges = dense_drop_dangling(nodes, edges, layout)
+        assert torch.equal(result.node_mask, final_nodes)
+        assert torch.equal(result.edge_mask, final_edges)
+
+        everything = (torch.ones(n, dtype=torch.bool), torch.ones(n, n, dtype=torch.bool))
+        for masks in (everything, (result.node_mask, result.edge_mask), random_masks(54, layout)):
+            got = graph_scores(adjacency, layout, weights, *masks)
+            replacement, completeness = dense_scores(adjacency, layout, weights, *masks)
+            assert got.replacement == pytest.approx(replacement, rel=0, abs=rounding)
+            assert got.completeness == pytest.approx(completeness, rel=0, abs=rounding)
+        assert graph_scores(adjacency, layout, weights) == graph_scores(
+            adjacency, layout, weights, *everything
+        )
+    assert flips <= 2  # over all four threshold pairs
+    torch.testing.assert_close(
+        node_influence(adjacency, weights), dense.influence, rtol=rounding, atol=0
+    )
+    assert torch.equal(adjacency, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_edge_threshold_radix_select_equals_sort(dtype):
+    g = torch.Generator().manual_seed(60)
+    # Multiples of 2^-28 below 2^8 over 20 binades: float64 sums them exactly in any order, so the
+    # radix select must give exactly the threshold of sorting and summing.
+    mantissas = torch.randint(1, 256, (5000,), generator=g).double()
+    scores = (mantissas * 2.0 ** -torch.randint(0, 21, (5000,), generator=g)).to(dtype)
+    scores[::3] = 0  # zero scores never count
+    scores[1::7] = scores[1]  # ties
+    rows = scores.reshape(50, 100)
+
+    def blocks():
+        return ((slice(i, i + 5), rows[i : i + 5]) for i in range(0, 50, 5))
+
+    for fraction in (0.0, 0.1, 0.5, 0.8, 0.98, 1.0):
+        expected = cumulative_threshold(scores[scores > 0], fraction)
+        assert pruning._positive_threshold(blocks, fraction, scores) == expected
+    zeros = torch.zeros(4, 4, dtype=dtype)
+    assert pruning._positive_threshold(lambda: iter([(slice(0, 4), zeros)]), 0.5, zeros) is None
+
+
+def peak_growth(run: Callable[[], object]) -> int:
+    """Bytes by which the peak RSS of this process during `run()` exceeds its RSS before. Linux.
+
+    Reads the peak of this process's own memory map (VmHWM) after resetting it, not ru_maxrss:
+    a child process's ru_maxrss starts from its parent's RSS at the fork.
+    """
+    Path("/proc/self/clear_refs").write_text("5")  # the peak restarts at the current RSS
+    before = psutil.Process().memory_info().rss
+    run()
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024 - before
+
+
+MEMORY_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_pruning import layered_graph, peak_growth
+from tracer.memory import return_freed_memory
+from tracer.pruning import graph_scores, prune
+
+def prune_and_score():
+    result = prune(adjacency, layout, weights)
+    graph_scores(adjacency, layout, weights)
+    graph_scores(adjacency, layout, weights, result.node_mask, result.edge_mask)
+
+return_freed_memory()
+adjacency, layout, weights = layered_graph(0, 3446, 16, 32, 10)  # 4,000 nodes, 64 MB
+print(peak_growth(prune_and_score) / (adjacency.numel() * adjacency.element_size()))
+"""
+
+
+def test_prune_and_scores_work_in_under_one_adjacency_of_memory():
+    """Whole-process peak at most 2x the adjacency: growth over the process holding A < 1x."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    growth = float(run.stdout.strip().splitlines()[-1])
+    assert 0 < growth < 1.0

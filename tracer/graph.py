@@ -99,6 +99,11 @@ class Graph:
         return weights
 
     # ---- analysis --------------------------------------------------------------------------------
+    def n_edges(self) -> int:
+        """Non-zero entries of the adjacency, counted a block of rows at a time."""
+        step = max(1, (1 << 22) // max(1, self.adjacency_matrix.shape[1]))
+        return sum(int(torch.count_nonzero(rows)) for rows in self.adjacency_matrix.split(step))
+
     def node_influence(self) -> torch.Tensor:
         return pruning.node_influence(self.adjacency_matrix, self.logit_weights())
 
@@ -129,13 +134,9 @@ class Graph:
         node_mask[pinned] = True
         node_mask[layout.token_slice] = True
         node_mask[layout.logit_slice] = True
-        edge_mask = node_mask[:, None] & node_mask[None, :] & (self.adjacency_matrix != 0)
+        # every edge between kept nodes stays: the node mask alone says so, with no (N, N) mask
         return pruning.graph_scores(
-            self.adjacency_matrix,
-            layout,
-            self.logit_weights(),
-            node_mask=node_mask,
-            edge_mask=edge_mask,
+            self.adjacency_matrix, layout, self.logit_weights(), node_mask=node_mask
         )
 
     def to_json(

@@ -36,19 +36,26 @@ Definitions (what every function here computes):
   its kept non-error inputs; it is 1 for a source row, as in the full-graph score. With all-True
   masks the subgraph scores equal the full-graph scores exactly.
 
-Memory: graphs can be ~20k x 20k, so each function holds one (N, N) float buffer of its own
-(updated in place) plus boolean masks, and sorts only 1-D vectors.
+Memory: graphs reach N ~ 60,000, an adjacency of 14 GB in float32, so nothing here copies it.
+B, P and K are read from A one block of rows at a time (`tracer.row_blocks`), the threshold of
+the N^2 edge scores is found by a radix select over their bits instead of a sort, and the only
+(N, N) allocation is the boolean edge mask. Sorting is for 1-D vectors only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from tracer.row_blocks import RowBlocks
+
 # Sorted scores are summed in float64 chunks of this many elements, not in one (n,) float64 copy.
 _CUMSUM_CHUNK = 1 << 22
+# The edge threshold is selected this many bits of the scores' bit patterns per pass.
+_RADIX_BITS = 16
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,7 @@ class GraphScores:
 def normalize_rows(adjacency: Tensor) -> Tensor:
     """|A| with each row divided by its sum; all-zero rows stay zero. (N, N) -> new (N, N)."""
     _check_square(adjacency, "adjacency")
-    return _normalize_rows_(adjacency.abs())
+    return adjacency.abs().div_(RowBlocks(adjacency).divisors()[:, None])
 
 
 def propagate_influence(normalized: Tensor, weights: Tensor) -> Tensor:
@@ -117,27 +124,15 @@ def propagate_influence(normalized: Tensor, weights: Tensor) -> Tensor:
     On a DAG the terms vanish exactly after at most N steps; a term still non-zero after N + 1
     steps means a cycle reachable from the weighted nodes, and raises ValueError.
     """
-    n = _check_square(normalized, "normalized")
-    if weights.shape != (n,):
-        raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
-    term = weights.to(normalized) @ normalized  # (N,): weight of paths of length 1
-    total = torch.zeros_like(term)
-    for _ in range(n + 1):
-        if not bool(term.any()):
-            return total
-        if not bool(torch.isfinite(term).all()):
-            raise ValueError("influence is not finite: normalized or weights hold inf or nan")
-        total += term
-        term = term @ normalized
-    raise ValueError(
-        f"influence did not vanish after {n + 1} steps: the graph has a cycle reachable from "
-        "the weighted nodes (the adjacency must be a DAG)"
-    )
+    _check_vector(weights, _check_square(normalized, "normalized"), "weights")
+    return _power_series(lambda vector: vector @ normalized, weights.to(normalized))
 
 
 def node_influence(adjacency: Tensor, logit_weights: Tensor) -> Tensor:
     """Influence of every node on the logits. A (N, N), w (N,) -> (N,)."""
-    return propagate_influence(normalize_rows(adjacency), logit_weights)
+    _check_vector(logit_weights, _check_square(adjacency, "adjacency"), "logit_weights")
+    graph = RowBlocks(adjacency)
+    return _influence(graph, graph.divisors(), logit_weights.to(adjacency))
 
 
 def cumulative_threshold(scores: Tensor, fraction: float) -> float:
@@ -182,23 +177,26 @@ def prune(
     _check_fraction("edge_threshold", edge_threshold)
     weights = _check_graph(adjacency, layout, logit_weights)
 
-    work = normalize_rows(adjacency)  # the one (N, N) float buffer, reused below
-    influence = propagate_influence(work, weights)
+    graph = RowBlocks(adjacency)
+    influence = _influence(graph, graph.divisors(), weights)
     always_kept = _kind_mask(layout, (layout.token_slice, layout.logit_slice), adjacency.device)
     node_mask = (influence >= cumulative_threshold(influence, node_threshold)) | always_kept
 
     # Pruned graph P: |A| without the dropped rows and columns, renormalised.
-    torch.abs(adjacency, out=work)
-    work.masked_fill_(~node_mask[:, None], 0).masked_fill_(~node_mask[None, :], 0)
-    _normalize_rows_(work)
-    pruned_influence = propagate_influence(work, weights)
-    scores = work.mul_((pruned_influence + weights)[:, None])  # (N, N) edge scores
-    positive = scores[scores > 0]
-    if positive.numel() > 0:
-        edge_mask = scores >= cumulative_threshold(positive, edge_threshold)
-    else:
-        edge_mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    del work, scores, positive
+    pruned = RowBlocks(adjacency, node_mask=node_mask)
+    divisors = pruned.divisors()
+    reach = _influence(pruned, divisors, weights) + weights
+
+    def edge_scores() -> Iterator[tuple[slice, Tensor]]:  # (rows, N) blocks of P * reach
+        for part in pruned.parts:
+            yield part, pruned.read(part).div_(divisors[part, None]).mul_(reach[part, None])
+
+    n = layout.n_nodes
+    edge_mask = torch.zeros((n, n), dtype=torch.bool, device=adjacency.device)
+    threshold = _positive_threshold(edge_scores, edge_threshold, adjacency)
+    if threshold is not None:
+        for part, scores in edge_scores():
+            torch.ge(scores, threshold, out=edge_mask[part])
 
     _drop_dangling_(node_mask, edge_mask, layout)
     return PruneResult(node_mask=node_mask, edge_mask=edge_mask, node_influence=influence)
@@ -218,30 +216,102 @@ def graph_scores(
     """
     weights = _check_graph(adjacency, layout, logit_weights)
     n = layout.n_nodes
-    kept = normalize_rows(adjacency)  # B, then masked in place to K
-    keep = torch.ones(n, dtype=torch.bool, device=kept.device)
-    dropped = torch.zeros(n, dtype=kept.dtype, device=kept.device)  # (N,) d_r
-    if node_mask is not None or edge_mask is not None:
-        if node_mask is not None:
-            _check_mask(node_mask, (n,), "node_mask")
-            keep = node_mask.to(kept.device)
-        full_mass = kept.sum(dim=1)
-        if edge_mask is not None:
-            _check_mask(edge_mask, (n, n), "edge_mask")
-            kept.mul_(edge_mask.to(kept.device))
-        kept.mul_(keep[:, None]).mul_(keep[None, :])
-        # Rows of B sum to 1, so the difference is accurate; clamp rounding below zero.
-        dropped = (full_mass - kept.sum(dim=1)).clamp_(min=0) * keep
+    keep = torch.ones(n, dtype=torch.bool, device=adjacency.device)
+    if node_mask is not None:
+        _check_mask(node_mask, (n,), "node_mask")
+        node_mask = keep = node_mask.to(adjacency.device)
+    if edge_mask is not None:
+        _check_mask(edge_mask, (n, n), "edge_mask")
+        edge_mask = edge_mask.to(adjacency.device)
 
-    influence = propagate_influence(kept, weights)
+    # Row sums of |A| (B's divisors) and of its kept part K, in all and over the error columns.
+    kept = RowBlocks(adjacency, node_mask, edge_mask)
+    full_sums, kept_sums, error_sums = [], [], []
+    for part in kept.parts:
+        block = kept.read_unmasked(part)
+        full_sums.append(block.sum(dim=1))
+        kept.mask_(part, block)
+        kept_sums.append(block.sum(dim=1))
+        error_sums.append(block[:, layout.error_slice].sum(dim=1))
+    full_mass = torch.cat(full_sums)
+    divisors = full_mass.masked_fill(full_mass == 0, 1)
+    # Differences of unnormalised sums: exactly zero for a row whose edges are all kept.
+    dropped = ((full_mass - torch.cat(kept_sums)) / divisors).clamp_(min=0) * keep  # (N,) d_r
+
+    influence = _influence(kept, divisors, weights)
     reach = (influence + weights) * keep  # (N,) mass each kept node passes to the logits
     token = influence[layout.token_slice].sum()
     error = influence[layout.error_slice].sum() + (reach * dropped).sum()
     if not float(token + error) > 0:
         raise ValueError("no influence reaches the logits from tokens or errors: scores undefined")
-    non_error = (1 - kept[:, layout.error_slice].sum(dim=1) - dropped).clamp_(min=0)
+    non_error = (1 - torch.cat(error_sums) / divisors - dropped).clamp_(min=0)
     completeness = (non_error * reach).sum() / reach.sum()
     return GraphScores(replacement=float(token / (token + error)), completeness=float(completeness))
+
+
+def _influence(graph: RowBlocks, divisors: Tensor, weights: Tensor) -> Tensor:
+    """Influence on the blocks' graph normalised by `divisors` (N,): `weights @ (B + B^2 + ...)`."""
+    return _power_series(lambda vector: graph.vecmat(vector / divisors), weights)
+
+
+def _power_series(step: Callable[[Tensor], Tensor], weights: Tensor) -> Tensor:
+    """`weights @ (M + M^2 + ...)` where `step(v) = v @ M`; raises on a cycle or inf/nan."""
+    n = weights.shape[0]
+    term = step(weights)  # (N,): weight of paths of length 1
+    total = torch.zeros_like(term)
+    for _ in range(n + 1):
+        if not bool(term.any()):
+            return total
+        if not bool(torch.isfinite(term).all()):
+            raise ValueError("influence is not finite: the graph or the weights hold inf or nan")
+        total += term
+        term = step(term)
+    raise ValueError(
+        f"influence did not vanish after {n + 1} steps: the graph has a cycle reachable from "
+        "the weighted nodes (the adjacency must be a DAG)"
+    )
+
+
+def _positive_threshold(
+    blocks: Callable[[], Iterator[tuple[slice, Tensor]]], fraction: float, like: Tensor
+) -> float | None:
+    """`cumulative_threshold` of the positive entries of all `blocks()`; None if there are none.
+
+    A radix select instead of a sort: non-negative floats order like their bit patterns read as
+    integers, so each pass over the blocks sums the scores by their next 16 bits under the prefix
+    chosen so far, and keeps the bin where the descending running sum crosses `fraction`; the
+    last pass leaves one exact value. Blocks have `like`'s dtype and device. Equal to sorting and
+    summing but for the order of the float64 additions (rounding-level, where the sum crosses).
+    """
+    width = torch.finfo(like.dtype).bits
+    as_int = {16: torch.int16, 32: torch.int32, 64: torch.int64}[width]
+    n_bins = 1 << _RADIX_BITS
+    prefix, above, total = 0, 0.0, 0.0  # bits chosen so far; sum of the scores above them
+    for shift in range(width - _RADIX_BITS, -1, -_RADIX_BITS):
+        sums = torch.zeros(n_bins, dtype=torch.float64, device=like.device)  # by digit
+        for _, block in blocks():
+            values = block[block > 0]
+            bits = values.view(as_int)
+            if shift + _RADIX_BITS < width:  # only the scores under the chosen prefix
+                inside = (bits >> (shift + _RADIX_BITS)) == prefix
+                values, bits = values[inside], bits[inside]
+            digits = (bits >> shift).long() & (n_bins - 1)
+            sums.index_add_(0, digits, values.double())
+        descending = sums.flip(0)
+        running = _running_sums(descending, above)
+        if shift + _RADIX_BITS == width:
+            total = float(running[-1])
+            if total == 0:
+                return None
+        nonempty = descending > 0
+        crossed = nonempty & (running / total >= fraction)
+        if bool(crossed.any()):
+            k = int(crossed.to(torch.uint8).argmax())
+        else:  # the bin's parts, summed in another order, fell short of the crossing
+            k = int(nonempty.nonzero()[-1])
+        above = float(running[k - 1]) if k > 0 else above
+        prefix = (prefix << _RADIX_BITS) | (n_bins - 1 - k)
+    return float(torch.tensor(prefix, dtype=as_int).view(like.dtype))
 
 
 def _drop_dangling_(node_mask: Tensor, edge_mask: Tensor, layout: NodeLayout) -> None:
@@ -256,12 +326,6 @@ def _drop_dangling_(node_mask: Tensor, edge_mask: Tensor, layout: NodeLayout) ->
             return
         node_mask &= ~drop
         edge_mask.masked_fill_(drop[:, None], False).masked_fill_(drop[None, :], False)
-
-
-def _normalize_rows_(matrix: Tensor) -> Tensor:
-    """Divide each row of a non-negative (N, N) matrix by its sum, in place; zero rows stay."""
-    row_sums = matrix.sum(dim=1, keepdim=True)
-    return matrix.div_(row_sums.masked_fill_(row_sums == 0, 1))
 
 
 def _running_sums(chunk: Tensor, start: float) -> Tensor:
@@ -296,12 +360,16 @@ def _check_graph(adjacency: Tensor, layout: NodeLayout, logit_weights: Tensor) -
     n = _check_square(adjacency, "adjacency")
     if n != layout.n_nodes:
         raise ValueError(f"adjacency is {n} x {n} but the layout has {layout.n_nodes} nodes")
-    if logit_weights.shape != (n,):
-        raise ValueError(f"logit_weights must have shape ({n},), got {tuple(logit_weights.shape)}")
+    _check_vector(logit_weights, n, "logit_weights")
     weights = logit_weights.to(adjacency)
     if not bool((weights >= 0).all()):
         raise ValueError("logit_weights must be non-negative (logit probabilities)")
     return weights
+
+
+def _check_vector(vector: Tensor, n: int, name: str) -> None:
+    if vector.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(vector.shape)}")
 
 
 def _check_mask(mask: Tensor, shape: tuple[int, ...], name: str) -> None:

@@ -44,7 +44,7 @@ def prompt_report(
         "pruned_replacement": pruned.replacement,
         "pruned_completeness": pruned.completeness,
         "nodes": graph.layout.n_nodes,
-        "edges": int((graph.adjacency_matrix != 0).sum()),
+        "edges": graph.n_edges(),
         "pruned_nodes": int(result.node_mask.sum()),
         "pruned_edges": int(result.edge_mask.sum()),
         "active_features": int(graph.active_features.shape[0]),
