@@ -24,6 +24,9 @@ def add_fixture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--density", type=float, default=0.0005, help="calibration quantile: 1 - density"
     )
+    parser.add_argument(
+        "--calibration-tokens", type=int, default=None, help="sample length (default: --tokens)"
+    )
 
 
 def build_fixture(
@@ -44,7 +47,9 @@ def build_fixture(
     )
     plain = copy.deepcopy(model)
     rm = ReplacementModel(model, ts)
-    sample = torch.randint(4, args.vocab, (32, args.tokens))
+    sample = torch.randint(4, args.vocab, (32, args.calibration_tokens or args.tokens))
     calibrate_sparsity(rm, ts, sample, args.density)
-    prompt = torch.randint(4, args.vocab, (args.tokens - 1,))
+    prompt = torch.randint(
+        4, args.vocab, (args.tokens - 1,), generator=torch.Generator().manual_seed(1)
+    )
     return rm, plain, prompt

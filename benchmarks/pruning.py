@@ -33,10 +33,9 @@ from test_pruning import (  # noqa: E402
     dense_prune,
     dense_scores,
     layered_graph,
-    peak_growth,
 )
 
-from tracer.memory import return_freed_memory  # noqa: E402
+from tracer.memory import peak_growth, return_freed_memory  # noqa: E402
 from tracer.pruning import graph_scores, prune  # noqa: E402
 
 LAYERS, POSITIONS, LOGITS = 16, 32, 10

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
@@ -798,24 +795,11 @@ def test_edge_threshold_radix_select_equals_sort(dtype):
     assert pruning._positive_threshold(lambda: iter([(slice(0, 4), zeros)]), 0.5, zeros) is None
 
 
-def peak_growth(run: Callable[[], object]) -> int:
-    """Bytes by which the peak RSS of this process during `run()` exceeds its RSS before. Linux.
-
-    Reads the peak of this process's own memory map (VmHWM) after resetting it, not ru_maxrss:
-    a child process's ru_maxrss starts from its parent's RSS at the fork.
-    """
-    Path("/proc/self/clear_refs").write_text("5")  # the peak restarts at the current RSS
-    before = psutil.Process().memory_info().rss
-    run()
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024 - before
-
-
 MEMORY_SCRIPT = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from test_pruning import layered_graph, peak_growth
-from tracer.memory import return_freed_memory
+from test_pruning import layered_graph
+from tracer.memory import peak_growth, return_freed_memory
 from tracer.pruning import graph_scores, prune
 
 def prune_and_score():

@@ -177,53 +177,67 @@ class RowComputer:
         self.n_backward = 0
 
     def rows(self, targets: list[Target], out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows (len(targets), n_columns) for at most `batch` targets, added into `out`."""
+        """Rows (len(targets), n_columns) for at most `batch` targets, added into `out`.
+
+        One backward pass. Each target's read vector is injected as the gradient at its read
+        point when the backward reaches it, and each write point's gradient is contracted with
+        its sources as soon as it is computed, so at any time only the batch's in-flight
+        gradient buffers exist (never one per layer).
+        """
         assert 0 < len(targets) <= self.batch
-        lp, shape = self.linear, self.linear.embed.shape
-        injections: dict[int | None, torch.Tensor] = {}
-        for b, target in enumerate(targets):
-            if target.layer not in injections:
-                injections[target.layer] = torch.zeros(shape, dtype=lp.embed.dtype)
-            injections[target.layer][b, target.pos] = target.vector.to(lp.embed.dtype)
-        outputs = [lp.final_hidden if layer is None else lp.reads[layer] for layer in injections]
-        grads = torch.autograd.grad(
-            outputs,
-            [lp.embed, *lp.writes],
-            grad_outputs=list(injections.values()),
-            retain_graph=True,
-            allow_unused=True,
-        )
-        self.n_backward += 1
-        n = len(targets)
+        lp, n = self.linear, len(targets)
         if out is None:
             out = torch.zeros(n, self.sources.n_columns, dtype=self.sources.tokens.dtype)
-        self._contract(grads[0], grads[1:], out)
+        by_point: dict[int | None, list[tuple[int, Target]]] = {}
+        for b, target in enumerate(targets):
+            by_point.setdefault(target.layer, []).append((b, target))
+        roots = [lp.final_hidden if layer is None else lp.reads[layer] for layer in by_point]
+        hooks = [
+            root.register_hook(self._injection(entries))
+            for root, entries in zip(roots, by_point.values(), strict=True)
+        ]
+        hooks.append(lp.embed.register_hook(lambda grad: self._contract_tokens(grad, out)))
+        for layer, write in enumerate(lp.writes):
+            hooks.append(write.register_hook(self._write_contraction(layer, out)))
+        nothing = torch.zeros((), dtype=lp.embed.dtype).expand(lp.embed.shape)
+        try:  # the leaves' own gradients (summed over the batch) are not needed
+            torch.autograd.grad(
+                roots, lp.leaves, [nothing] * len(roots), retain_graph=True, allow_unused=True
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.n_backward += 1
         return out
 
-    def _contract(
-        self,
-        grad_embed: torch.Tensor | None,
-        grad_writes: Sequence[torch.Tensor | None],
-        out: torch.Tensor,
-    ) -> None:
-        src, n = self.sources, out.shape[0]
-        n_layers = len(grad_writes)
-        error_cols = out[:, src.n_active : src.n_active + n_layers * self.n_pos]
-        error_cols = error_cols.view(n, n_layers, self.n_pos)
-        for layer, grad in enumerate(grad_writes):
-            if grad is None:
-                continue
+    def _injection(self, entries: list[tuple[int, Target]]):
+        def inject(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()  # never in place: autograd may hand the same buffer elsewhere
+            for b, target in entries:
+                grad[b, target.pos] += target.vector.to(grad.dtype)
+            return grad
+
+        return inject
+
+    def _contract_tokens(self, grad: torch.Tensor, out: torch.Tensor) -> None:
+        n, tokens = out.shape[0], self.sources.tokens
+        token_cols = out[:, self.sources.n_columns - self.n_pos :]
+        token_cols += torch.einsum("bpd,pd->bp", grad[:n].to(out.dtype), tokens)
+
+    def _write_contraction(self, layer: int, out: torch.Tensor):
+        def contract(grad: torch.Tensor) -> None:
+            src, n = self.sources, out.shape[0]
             grad = grad[:n].to(out.dtype)  # (n, n_pos, d_model)
-            error_cols[:, layer] = torch.einsum("bpd,pd->bp", grad, src.errors[layer])
+            errors = out[:, src.n_active + layer * self.n_pos :][:, : self.n_pos]
+            errors += torch.einsum("bpd,pd->bp", grad, src.errors[layer])
             index, pos, vectors = src.writes[layer]
             chunk = max(1, ELEMENT_BUDGET // max(1, n * grad.shape[-1]))
             for start in range(0, index.shape[0], chunk):
                 sl = slice(start, start + chunk)
                 gathered = grad[:, pos[sl]]  # (n, chunk, d_model)
                 out[:, index[sl]] += torch.einsum("bkd,kd->bk", gathered, vectors[sl])
-        if grad_embed is not None:
-            token_cols = out[:, src.n_columns - self.n_pos :]
-            token_cols += torch.einsum("bpd,pd->bp", grad_embed[:n].to(out.dtype), src.tokens)
+
+        return contract
 
 
 def _feature_targets(sources: Sources, idx: torch.Tensor) -> list[Target]:

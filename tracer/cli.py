@@ -57,6 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--offload", action="store_true", help="drop transcoder weights when done")
     att.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    est = sub.add_parser(
+        "estimate", help="predict graph size, memory and file size before attributing"
+    )
+    est.add_argument("--model", required=True, help="model folder or hub id")
+    est.add_argument("--transcoders", required=True, help="transcoder folder or hf:// URI")
+    est.add_argument("--prompt", required=True)
+    est.add_argument("--max-feature-nodes", type=_positive("--max-feature-nodes"))
+    est.add_argument("--batch-size", type=_positive("--batch-size"), default=256)
+    est.add_argument("--max-n-logits", type=_positive("--max-n-logits"), default=10)
+    est.add_argument(
+        "--sample-tokens",
+        type=_positive("--sample-tokens"),
+        help="count active features on the first N tokens only (default: the whole prompt)",
+    )
+    est.add_argument(
+        "--no-weights",
+        action="store_true",
+        help="load no weights: active features from a bound (exact for TopK sets)",
+    )
+    est.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     prune = sub.add_parser("prune", help="prune a graph and write the viewer JSON")
     prune.add_argument("graph", type=Path)
     prune.add_argument("--node-threshold", type=_fraction("--node-threshold"), default=0.8)
@@ -402,10 +423,27 @@ def _validate(args: argparse.Namespace) -> None:
     print(json.dumps(json_safe(summary), indent=2))
 
 
+def _estimate(args: argparse.Namespace) -> None:
+    from tracer.estimate import estimate_prompt, human
+
+    found = estimate_prompt(
+        args.model,
+        args.transcoders,
+        args.prompt,
+        max_feature_nodes=args.max_feature_nodes,
+        batch_size=args.batch_size,
+        n_logits=args.max_n_logits,
+        sample_tokens=args.sample_tokens,
+        use_weights=not args.no_weights,
+    )
+    print(json.dumps(found.to_dict(), indent=2) if args.json else human(found))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "attribute": _attribute,
+        "estimate": _estimate,
         "prune": _prune,
         "score": _score,
         "fixture": _fixture,

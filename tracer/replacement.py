@@ -301,7 +301,13 @@ class ReplacementModel:
                 final = self.envoy.output[0].save()
         finally:
             self.freezer.set_mode("off")
-        return LinearPass(embed=embed, reads=reads, writes=writes, final_hidden=final)
+        return LinearPass(
+            embed=embed,
+            reads=reads,
+            writes=writes,
+            final_hidden=final,
+            leaves=[t._base for t in (embed, *writes)],
+        )
 
 
 @dataclass
@@ -313,3 +319,4 @@ class LinearPass:
     reads: list[torch.Tensor]
     writes: list[torch.Tensor]
     final_hidden: torch.Tensor
+    leaves: list[torch.Tensor]  # the single (n_pos, d_model) copies `embed` and `writes` expand

@@ -1,0 +1,170 @@
+"""`tracer estimate`: predictions against what attribution, pruning and saving really take.
+
+Peaks are measured in fresh processes (tests/estimate_probe.py) as the growth of the process's
+high-water mark over its RSS just before the phase: attribution with the model loaded, pruning
+and scoring from the graph file. Two regimes: every feature a node (the adjacency dominates)
+and a node budget over many active features (rows over all active features dominate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tracer.attribute import attribute
+from tracer.cli import main
+from tracer.estimate import (
+    Shapes,
+    active_per_cell,
+    bound_per_cell,
+    estimate,
+    estimate_prompt,
+    shapes_of_model,
+)
+from tracer.fixtures import build_model, build_transcoders, write_fixture
+from tracer.replacement import ReplacementModel
+
+PROBE = Path(__file__).with_name("estimate_probe.py")
+TOLERANCE = 0.25
+CONFIGS = {
+    "all-features": ("plt-topk", 128, 2048, "all", 256),  # ~8k nodes, a 300 MB adjacency
+    "node-budget": ("plt-relu", 96, 1024, 512, 128),  # ~200k active features, 512 nodes
+}
+
+
+def probe(config: str, phase: str, graph: Path) -> dict:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(PROBE), *map(str, CONFIGS[config]), phase, str(graph)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def measured(request, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    graph = tmp_path_factory.mktemp("estimate") / "graph.safetensors"
+    attributed = probe(request.param, "attribute", graph)
+    pruned = probe(request.param, "prune", graph)
+    return {"attribute": attributed, "prune": pruned}
+
+
+def within(predicted: float, actual: float) -> bool:
+    return abs(predicted - actual) <= TOLERANCE * actual
+
+
+def test_peaks_and_file_size_within_a_quarter_of_measured(measured: dict) -> None:
+    run, pruned = measured["attribute"], measured["prune"]
+    predicted = run["estimate"]
+    assert predicted["nodes"] == run["nodes"] and predicted["active_features"] == run["active"]
+    assert within(predicted["attribution_peak_bytes"], run["measured"]), (
+        predicted["attribution_peak_bytes"],
+        run["measured"],
+    )
+    assert within(predicted["pruning_peak_bytes"], pruned["measured"]), (
+        predicted["pruning_peak_bytes"],
+        pruned["measured"],
+    )
+    assert within(predicted["graph_file_bytes"], run["file_bytes"]), (
+        predicted["graph_file_bytes"],
+        run["file_bytes"],
+    )
+
+
+def test_structural_nonzero_count_is_close_to_a_real_graph() -> None:
+    """The file-size model counts the entries that can be non-zero; a real graph has them."""
+    from tracer.estimate import _nonzero
+
+    torch.manual_seed(0)
+    rm = ReplacementModel(
+        build_model("llama", n_layers=3, d_model=32, vocab=64),
+        build_transcoders("plt-topk", n_layers=3, d_model=32, d_transcoder=64, top_k=4),
+    )
+    ids = rm.tokenize(torch.randint(4, 64, (20,), generator=torch.Generator().manual_seed(1)))
+    graph = attribute(ids, rm, max_n_logits=5, desired_logit_prob=1.0, progress=False)
+    cells, found = active_per_cell(rm, ids, None)
+    assert found == "prompt" and int(cells.sum()) == graph.active_features.shape[0]
+    expected = _nonzero(cells, 1.0, len(graph.logit_targets))
+    assert abs(expected - graph.n_edges()) <= 0.05 * graph.n_edges()
+
+
+def test_topk_bound_without_weights_holds(tmp_path: Path) -> None:
+    write_fixture(tmp_path, family="llama", kind="plt-topk")
+    prompt = "the capital of the state containing Dallas is"
+    bound = estimate_prompt(
+        str(tmp_path / "model"), str(tmp_path / "transcoders"), prompt, use_weights=False
+    )
+    counted = estimate_prompt(str(tmp_path / "model"), str(tmp_path / "transcoders"), prompt)
+    assert bound.active_from == "bound" and counted.active_from == "prompt"
+    assert bound.n_pos == counted.n_pos
+    rm = ReplacementModel.from_pretrained(str(tmp_path / "model"), str(tmp_path / "transcoders"))
+    graph = attribute(prompt, rm, progress=False)
+    assert counted.active_features == graph.active_features.shape[0] <= bound.active_features
+    assert bound.active_features == rm.transcoders.top_k * rm.n_layers * (graph.n_pos - 1)
+    assert not bound.warnings  # a TopK bound is exact up to zeros, not a worst case
+
+
+def test_sampling_extrapolates_per_position() -> None:
+    rm = ReplacementModel(
+        build_model("llama", n_layers=2, d_model=32, vocab=64),
+        build_transcoders("plt-relu", n_layers=2, d_model=32, d_transcoder=64),
+    )
+    ids = rm.tokenize(torch.randint(4, 64, (40,), generator=torch.Generator().manual_seed(2)))
+    cells, found = active_per_cell(rm, ids, 10)
+    assert found == "sample of 10 tokens" and cells.shape == (2, ids.shape[0])
+    sample, _ = active_per_cell(rm, ids[:10], None)
+    assert torch.equal(cells[:, :10], sample)
+    assert torch.allclose(cells[:, 10:], sample[:, 1:].mean(1, keepdim=True).expand(-1, 31))
+
+
+def test_warns_when_memory_is_short() -> None:
+    shapes = Shapes(26, 2304, 8, 256000, 16384, False, None, 10_000_000_000, 2_000_000_000)
+    found = estimate(shapes, 2048, active=500_000, active_from="given", available=16 << 30)
+    assert any("attribution needs" in w and "max_feature_nodes" in w for w in found.warnings)
+    assert any("pruning needs" in w for w in found.warnings)
+    budget = estimate(
+        shapes, 2048, active=500_000, active_from="given", max_feature_nodes=4096, available=1 << 40
+    )
+    assert budget.nodes == 4096 + 27 * 2048 + 10 and not budget.warnings
+    with pytest.raises(ValueError, match="active must be"):
+        estimate(shapes, 10, active=torch.zeros(3, 3), active_from="given")
+
+
+def test_bound_marks_the_start_token_inactive() -> None:
+    shapes = Shapes(2, 8, 2, 10, 100, False, None, 0, 0)
+    cells = bound_per_cell(shapes, 5)
+    assert cells[:, 0].sum() == 0 and cells.sum() == 2 * 4 * 100
+
+
+def test_cli_prints_the_estimate_as_json(tmp_path: Path, capsys) -> None:
+    write_fixture(tmp_path, family="gpt2", kind="clt")
+    code = main(
+        [
+            "estimate",
+            "--model",
+            str(tmp_path / "model"),
+            "--transcoders",
+            str(tmp_path / "transcoders"),
+            "--prompt",
+            "the capital of the state containing Dallas is",
+            "--max-feature-nodes",
+            "7",
+            "--json",
+        ]
+    )
+    assert code == 0
+    found = json.loads(capsys.readouterr().out)
+    rm = ReplacementModel.from_pretrained(str(tmp_path / "model"), str(tmp_path / "transcoders"))
+    assert found["feature_nodes"] == 7 and found["active_from"] == "prompt"
+    assert found["n_pos"] == rm.tokenize("the capital of the state containing Dallas is").shape[0]
+    assert shapes_of_model(rm).d_transcoder == found["d_transcoder"]
