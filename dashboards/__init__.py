@@ -1,0 +1,1 @@
+"""The Streamlit explorer of the pipeline's outputs (`streamlit run dashboards/app.py`)."""

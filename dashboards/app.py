@@ -1,0 +1,31 @@
+"""The tracer explorer: `streamlit run dashboards/app.py [-- --outputs PATH]`.
+
+Reads the pipeline's output folder (`--outputs`, else $TRACER_OUTPUTS, else `outputs/`) and shows
+one pruned graph, two side by side, or the cross-profile tables.
+"""
+
+import sys
+from pathlib import Path
+
+# `streamlit run` puts only this folder on sys.path; the pages import `dashboards.*`.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import streamlit as st  # noqa: E402
+
+from dashboards.widgets import outputs_root  # noqa: E402
+
+# not `pages/`: Streamlit would route that folder itself before `st.navigation` runs
+PAGES = Path(__file__).resolve().parent / "views"
+
+st.set_page_config(page_title="tracer explorer", page_icon=":material/hub:", layout="wide")
+page = st.navigation(
+    [
+        st.Page(PAGES / "graph.py", title="Graph", icon=":material/hub:", default=True),
+        st.Page(PAGES / "compare.py", title="Compare", icon=":material/compare:"),
+        st.Page(PAGES / "tables.py", title="Tables", icon=":material/table_chart:"),
+    ]
+)
+st.sidebar.caption(f"Outputs folder: `{outputs_root().resolve()}`")
+page.run()

@@ -1,0 +1,263 @@
+"""What the pipeline's output folder holds for the dashboard, read in `tracer.outputs`' layout.
+
+- `profiles/PROFILE/profile.json` and `profiles/PROFILE/PROMPT/{pruned.json, scores.json,
+  pruning_curve.png}` (prune stage): a profile is viewable once it has a pruned prompt;
+- `graphs/PROFILE/PROMPT.safetensors` (attribute stage): the full graph, re-pruned on demand;
+- `validation/PROFILE/PROMPT.json` (validate stage), `runs/PROFILE.json` (timings);
+- `compare/{scores,sizes,layers,matching}.csv`, `summary.json` (compare stage).
+
+Whatever is missing raises `MissingOutputs`, whose message names the command that writes it.
+No Streamlit here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from tracer import outputs as paths
+
+DEFAULT_OUTPUTS = "outputs"
+ENV_OUTPUTS = "TRACER_OUTPUTS"
+COMPARE_DIR = "compare"
+SUMMARY_FILE = "summary.json"
+COMPARE_TABLES = ("scores", "sizes", "layers", "matching")
+REPRO = "`dvc repro`"
+
+
+class MissingOutputs(Exception):
+    """A file or folder the pipeline writes is absent; the message says which command writes it."""
+
+
+def resolve_outputs(argv: Sequence[str], environ: Mapping[str, str]) -> Path:
+    """The outputs folder: `--outputs PATH` in argv, else $TRACER_OUTPUTS, else `outputs`.
+
+    `argv` is the script's arguments (what follows `--` in `streamlit run app.py -- ...`);
+    other arguments are ignored.
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--outputs", default=None)
+    known, _ = parser.parse_known_args(list(argv))
+    return Path(known.outputs or environ.get(ENV_OUTPUTS) or DEFAULT_OUTPUTS)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One pruned profile: its profile.json and the prompts with a pruned graph document."""
+
+    name: str
+    info: dict
+    prompts: tuple[str, ...]  # sorted prompt ids with a pruned.json
+
+    def describe(self) -> str:
+        """`model with transcoders (dtype)`, revisions appended when pinned, for captions."""
+        model = _with_revision(self.info.get("model", "?"), self.info.get("revision"))
+        sets = _with_revision(
+            self.info.get("transcoders", "?"), self.info.get("transcoder_revision")
+        )
+        return f"{model} with {sets} ({self.info.get('dtype', 'float32')})"
+
+
+def _with_revision(name: str, revision: str | None) -> str:
+    return f"{name}@{revision}" if revision else name
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The viewable profiles of an outputs folder, and why the others are not viewable."""
+
+    root: Path
+    profiles: tuple[Profile, ...]  # enabled, with at least one pruned prompt, sorted by name
+    skipped: dict[str, str]  # profile name -> reason, a sentence naming the fix
+
+    def profile(self, name: str) -> Profile:
+        for profile in self.profiles:
+            if profile.name == name:
+                return profile
+        raise MissingOutputs(f"profile {name!r} has no pruned graphs under {self.root}")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Sorted subfolders, without hidden ones (a stage's temporary folders)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_outputs(root: str | Path) -> Outputs:
+    """The profiles under `root/profiles` that have pruned graphs, and the reasons for the rest."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingOutputs(
+            f"No pipeline outputs at `{root}`. Run {REPRO} in the repository (it writes "
+            f"`outputs/`), or point the app at another folder with `-- --outputs PATH` "
+            f"or ${ENV_OUTPUTS}."
+        )
+    profiles, skipped = [], {}
+    for folder in _subfolders(root / "profiles"):
+        info_path = folder / paths.PROFILE_FILE
+        if not info_path.is_file():
+            skipped[folder.name] = f"no {paths.PROFILE_FILE}: run {REPRO} (stage `prune`)"
+            continue
+        info = read_json(info_path)
+        prompts = tuple(p.name for p in _subfolders(folder) if (p / paths.PRUNED_FILE).is_file())
+        if not info.get("enabled", True):
+            skipped[folder.name] = (
+                f"disabled in params.yaml: set `profiles.{folder.name}.enabled: true` "
+                f"and run {REPRO}"
+            )
+        elif not prompts:
+            skipped[folder.name] = f"no pruned graphs yet: run {REPRO}"
+        else:
+            profiles.append(Profile(folder.name, info, prompts))
+    for folder in _subfolders(root / "graphs"):
+        if folder.name not in skipped and not any(p.name == folder.name for p in profiles):
+            skipped[folder.name] = f"attributed but not pruned yet: run {REPRO} (stage `prune`)"
+    if not profiles:
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+        raise MissingOutputs(
+            f"No pruned graphs under `{root / 'profiles'}`: run {REPRO} (stages `attribute` and "
+            f"`prune`) with at least one enabled profile." + (f" ({reasons})" if reasons else "")
+        )
+    return Outputs(root, tuple(profiles), skipped)
+
+
+def default_pair(outputs: Outputs) -> tuple[str, str]:
+    """Two profiles to compare first: the first two of one model (two transcoder sets), else the
+    first two, else the only one twice."""
+    for a in outputs.profiles:
+        for b in outputs.profiles:
+            if a.name != b.name and a.info.get("model") == b.info.get("model"):
+                return a.name, b.name
+    names = [p.name for p in outputs.profiles]
+    return names[0], names[1] if len(names) > 1 else names[0]
+
+
+# ---- one prompt's files -------------------------------------------------------------------------
+def document_path(root: Path, profile: str, prompt: str) -> Path:
+    return paths.prompt_dir(root, profile, prompt) / paths.PRUNED_FILE
+
+
+def scores_path(root: Path, profile: str, prompt: str) -> Path:
+    return paths.prompt_dir(root, profile, prompt) / paths.SCORES_FILE
+
+
+def curve_image_path(root: Path, profile: str, prompt: str) -> Path:
+    return paths.prompt_dir(root, profile, prompt) / paths.CURVE_PLOT
+
+
+def validation_path(root: Path, profile: str, prompt: str) -> Path:
+    return paths.validation_dir(root, profile) / f"{prompt}.json"
+
+
+def graph_file(root: Path, profile: str, prompt: str) -> Path | None:
+    """The full graph's .safetensors file, or None when it is not on disk (e.g. not pulled)."""
+    path = paths.graph_path(root, profile, prompt)
+    return path if path.is_file() else None
+
+
+def read_json(path: Path, stage: str | None = None) -> dict:
+    """A JSON file the pipeline wrote; MissingOutputs when absent or unreadable."""
+    command = REPRO + (f" (stage `{stage}`)" if stage else "")
+    if not path.is_file():
+        raise MissingOutputs(f"`{path}` is missing: run {command} to write it.")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MissingOutputs(f"`{path}` is unreadable ({err}): run {command} again.") from err
+
+
+def read_document(root: Path, profile: str, prompt: str) -> dict:
+    """The pipeline's viewer document `{metadata, qParams, nodes, links}` of the pruned graph."""
+    path = document_path(root, profile, prompt)
+    document = read_json(path, "prune")
+    missing = [k for k in ("metadata", "nodes", "links") if k not in document]
+    if missing:
+        raise MissingOutputs(f"`{path}` lacks {missing}: run {REPRO} (stage `prune`).")
+    return document
+
+
+def read_scores(root: Path, profile: str, prompt: str) -> dict:
+    """The prompt's scores.json (`tracer.report.prompt_report`)."""
+    return read_json(scores_path(root, profile, prompt), "prune")
+
+
+def read_validation(root: Path, profile: str, prompt: str) -> dict:
+    """The validate stage's `{metadata, summary, rows}` for this prompt."""
+    return read_json(validation_path(root, profile, prompt), "validate")
+
+
+def read_run(root: Path, profile: str, prompt: str) -> dict | None:
+    """Seconds per phase and peak memory of the prompt's attribution, when recorded."""
+    path = paths.runs_path(root, profile)
+    if not path.is_file():
+        return None
+    return read_json(path).get(prompt)
+
+
+def default_thresholds(document: dict, scores: dict | None = None) -> tuple[float, float]:
+    """(node, edge) thresholds the pipeline pruned with: the document's, else scores.json's."""
+    metadata = document.get("metadata", {})
+    values = []
+    for key, fallback in (("node_threshold", 0.8), ("edge_threshold", 0.98)):
+        value = metadata.get(key)
+        if value is None and scores is not None:
+            value = scores.get(key)
+        values.append(float(fallback if value is None else value))
+    return values[0], values[1]
+
+
+# ---- cross-profile tables -----------------------------------------------------------------------
+def read_compare(root: str | Path) -> tuple[dict[str, pd.DataFrame], dict]:
+    """The compare stage's tables (name -> DataFrame; absent CSVs left out) and summary.json."""
+    folder = Path(root) / COMPARE_DIR
+    if not folder.is_dir():
+        raise MissingOutputs(
+            f"`{folder}` does not exist: run {REPRO} (stage `compare`) to write the "
+            "cross-profile tables."
+        )
+    tables = {}
+    for name in COMPARE_TABLES:
+        path = folder / f"{name}.csv"
+        if path.is_file():
+            tables[name] = pd.read_csv(path)
+    summary_path = folder / SUMMARY_FILE
+    summary = read_json(summary_path, "compare") if summary_path.is_file() else {}
+    if not tables:
+        raise MissingOutputs(f"`{folder}` holds no tables: run {REPRO} (stage `compare`).")
+    return tables, summary
+
+
+def matching_rows(
+    root: str | Path, profile_a: str, profile_b: str, prompt: str | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """matching.csv's rows for A -> B (on `prompt`, else every prompt), and summary.json."""
+    tables, summary = read_compare(root)
+    if "matching" not in tables:
+        raise MissingOutputs(f"`matching.csv` is missing: run {REPRO} (stage `compare`).")
+    matching = tables["matching"]
+    rows = matching[(matching["profile_a"] == profile_a) & (matching["profile_b"] == profile_b)]
+    if prompt is not None:
+        rows = rows[rows["prompt"] == prompt]
+    if rows.empty:
+        on = f" on {prompt}" if prompt is not None else ""
+        raise MissingOutputs(
+            f"No matching rows for {profile_a} -> {profile_b}{on}: run {REPRO} (stage "
+            "`compare`) once both profiles have graphs."
+        )
+    return rows, summary
+
+
+def filter_rows(table: pd.DataFrame, profiles: list[str], prompts: list[str]) -> pd.DataFrame:
+    """Rows of a compare table whose profile (both, for matching's profile_a / profile_b) is in
+    `profiles` and whose prompt is in `prompts` (rows without a prompt are kept)."""
+    mask = table["prompt"].isin(prompts) | table["prompt"].isna()
+    for column in ("profile", "profile_a", "profile_b"):
+        if column in table.columns:
+            mask &= table[column].isin(profiles)
+    return table[mask]

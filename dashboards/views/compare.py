@@ -1,0 +1,118 @@
+"""Compare page: two pruned graphs side by side (any two profile / prompt pairs)."""
+
+import pandas as pd
+import streamlit as st
+
+from dashboards import widgets
+from dashboards.catalog import MissingOutputs, default_pair, matching_rows
+from dashboards.charts import graph_chart, layer_count_chart
+from dashboards.documents import score_deltas, shared_nodes
+from dashboards.layout import layer_counts
+
+outputs = widgets.load_outputs()
+root = outputs.root
+first, second = default_pair(outputs)
+
+st.title("Compare two graphs")
+pick_a, pick_b = st.columns(2)
+with pick_a:
+    profile_a, prompt_a = widgets.pick_graph(
+        outputs, "compare_a", label="A: ", default_profile=first
+    )
+with pick_b:
+    profile_b, prompt_b = widgets.pick_graph(
+        outputs,
+        "compare_b",
+        label="B: ",
+        default_profile=second,
+        default_prompt=prompt_a,
+    )
+with st.sidebar:
+    widgets.show_skipped(outputs)
+
+info_a, info_b = outputs.profile(profile_a).info, outputs.profile(profile_b).info
+doc_a = widgets.read_or_stop(widgets.document, root, profile_a, prompt_a)
+doc_b = widgets.read_or_stop(widgets.document, root, profile_b, prompt_b)
+scores_a = widgets.read_or_stop(widgets.scores, root, profile_a, prompt_a)
+scores_b = widgets.read_or_stop(widgets.scores, root, profile_b, prompt_b)
+same_model = info_a.get("model") == info_b.get("model")
+same_tokens = doc_a["metadata"].get("prompt_tokens") == doc_b["metadata"].get("prompt_tokens")
+same_set = same_model and info_a.get("transcoders") == info_b.get("transcoders")
+
+for column, name in ((pick_a, profile_a), (pick_b, profile_b)):
+    column.caption(outputs.profile(name).describe())
+
+st.subheader("Scores")
+deltas = score_deltas(scores_a, scores_b)
+metrics = st.columns(4)
+for column, row in zip(metrics, deltas[:4], strict=False):
+    column.metric(f"B: {row['metric']}", f"{row['b']:.4f}", f"{row['b_minus_a']:+.4f} vs A")
+st.dataframe(
+    pd.DataFrame(deltas)
+    .drop(columns="key")
+    .rename(
+        columns={
+            "a": f"A ({profile_a} / {prompt_a})",
+            "b": f"B ({profile_b} / {prompt_b})",
+            "b_minus_a": "B - A",
+        }
+    ),
+    hide_index=True,
+    width="stretch",
+)
+
+st.subheader("Pruned graphs")
+draw_a, draw_b = st.columns(2)
+for column, tag, name, prompt, doc in (
+    (draw_a, "A", profile_a, prompt_a, doc_a),
+    (draw_b, "B", profile_b, prompt_b, doc_b),
+):
+    with column:
+        st.markdown(f"**{tag}: {name} / {prompt}** ({len(doc['nodes'])} nodes)")
+        st.altair_chart(graph_chart(doc, height=420), width="stretch")
+
+st.subheader("Nodes per layer")
+counts = pd.DataFrame(layer_counts({"A": doc_a, "B": doc_b}))
+per_row = counts.groupby(["row", "y", "graph"], as_index=False)["count"].sum()
+chart_column, table_column = st.columns([3, 2])
+chart_column.altair_chart(layer_count_chart(per_row), width="stretch")
+table_column.dataframe(
+    counts.pivot_table(index=["y", "row", "kind"], columns="graph", values="count")
+    .fillna(0)
+    .astype(int)
+    .sort_index(ascending=False)
+    .droplevel("y"),
+    width="stretch",
+)
+
+st.subheader("Nodes shared by id")
+if not (same_model and same_tokens):
+    st.info(
+        "The two graphs are of different models or prompts: node ids (layer, feature, position) "
+        "do not name the same nodes, so no overlap by id is shown."
+    )
+else:
+    st.dataframe(pd.DataFrame(shared_nodes(doc_a, doc_b)), hide_index=True, width="stretch")
+    if not same_set:
+        st.caption(
+            "Different transcoder sets: token, error and logit ids match, but feature number k "
+            "of one set is not feature k of the other. The matching table below pairs features "
+            "by decoder cosine."
+        )
+
+st.subheader("Feature matching (compare stage)")
+if not same_model or profile_a == profile_b:
+    st.info("Feature matching is computed for two transcoder sets of the same model.")
+else:
+    shared_prompt = prompt_a if prompt_a == prompt_b else None
+    try:
+        rows, summary = matching_rows(root, profile_a, profile_b, shared_prompt)
+    except MissingOutputs as err:
+        st.info(str(err))
+    else:
+        st.dataframe(rows, hide_index=True, width="stretch")
+        st.caption(
+            "Each A feature matched to the B feature with the most similar decoder; "
+            "kept_fraction: share of A's pruned features whose match B's pruned graph keeps. "
+            f"Cosine threshold {summary.get('min_cosine', '?')}."
+        )
