@@ -67,6 +67,7 @@ def main(name: str) -> None:
                 targets=spec.targets,
                 batch_size=settings.batch_size,
                 max_feature_nodes=settings.max_feature_nodes,
+                adjacency_dtype=settings.adjacency_dtype,
                 progress=False,
             )
             timings = graph.metadata.pop("timings")

@@ -1,5 +1,6 @@
 """attribute() options beyond exactness: dtypes, offloading, metadata, subgraph scores."""
 
+import pytest
 import torch
 
 from tracer.attribute import attribute
@@ -85,3 +86,57 @@ def test_to_json_is_the_pruned_graph():
     result = graph.prune(0.5, 0.9)
     assert len(document["nodes"]) == int(result.node_mask.sum()) < graph.layout.n_nodes
     assert document["metadata"]["node_threshold"] == 0.5
+
+
+def _half_bound(dtype: torch.dtype, reference: torch.Tensor) -> torch.Tensor:
+    """Rounding once to `dtype`: half a unit in the last place, relative, or absolute for
+    float16's subnormals (below 2^-14)."""
+    u = 2.0**-11 if dtype == torch.float16 else 2.0**-8
+    return u * reference.abs() + (2.0**-25 if dtype == torch.float16 else 0.0)
+
+
+def test_half_precision_adjacency_is_the_float32_one_rounded_once(tmp_path):
+    rm = ReplacementModel(build_model("llama"), build_transcoders("clt", n_layers=2, d_model=32))
+    full = attribute(PROMPT, rm, progress=False)
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        graph = attribute(PROMPT, rm, adjacency_dtype=name, progress=False)
+        assert graph.adjacency_matrix.dtype == dtype
+        assert graph.metadata["config"]["adjacency_dtype"] == name
+        assert torch.equal(graph.selected_features, full.selected_features)
+        stored, exact = graph.adjacency_matrix.float(), full.adjacency_matrix
+        assert bool(((stored - exact).abs() <= _half_bound(dtype, exact)).all())
+        assert bool((stored != 0).sum() > 0.9 * (exact != 0).sum())
+        # the graph works downstream: file round trip, pruning and scores near the float32 ones
+        back = type(graph).load(graph.save(tmp_path / f"{name}.safetensors"))
+        assert torch.equal(
+            back.adjacency_matrix.view(torch.int16), graph.adjacency_matrix.view(torch.int16)
+        )
+        assert abs(back.scores().replacement - full.scores().replacement) < 0.01
+        assert (
+            abs(back.scores(back.prune()).completeness - full.scores(full.prune()).completeness)
+            < 0.05
+        )
+
+
+def test_half_precision_with_a_node_budget():
+    rm = ReplacementModel(
+        build_model("gpt2"), build_transcoders("plt-relu", n_layers=2, d_model=32)
+    )
+    full = attribute(PROMPT, rm, max_feature_nodes=10, progress=False)
+    half = attribute(PROMPT, rm, max_feature_nodes=10, adjacency_dtype="bfloat16", progress=False)
+    assert half.adjacency_matrix.dtype == torch.bfloat16 and half.layout.n_features == 10
+    # rounding once does not change which features the greedy exploration picks here
+    assert torch.equal(half.selected_features, full.selected_features)
+    exact = full.adjacency_matrix
+    bound = _half_bound(torch.bfloat16, exact)
+    assert bool(((half.adjacency_matrix.float() - exact).abs() <= bound).all())
+
+
+def test_unknown_adjacency_dtype_is_refused():
+    rm = ReplacementModel(
+        build_model("gpt2"), build_transcoders("plt-relu", n_layers=2, d_model=32)
+    )
+    with pytest.raises(
+        ValueError, match="adjacency_dtype must be one of float32, float16, bfloat16"
+    ):
+        attribute(PROMPT, rm, adjacency_dtype="int8", progress=False)

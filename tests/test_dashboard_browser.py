@@ -12,8 +12,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import free_port, stop_process
 from PIL import Image
 from test_dashboard_outputs import built_outputs
 from websockets.sync.client import connect
@@ -46,23 +45,6 @@ PAGE_STATE = """(() => {
     text: document.body ? document.body.innerText : '',
   });
 })()"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a process started here (in its own session) and whatever it started."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path | None = None) -> bytes:
@@ -118,7 +100,7 @@ def server(root: Path, tmp_path_factory):
         assert wait_for(f"{base}/_stcore/health", process, 60, log) == b"ok"
         yield base
     finally:
-        stop(process)
+        stop_process(process)
 
 
 class Browser:
@@ -196,7 +178,7 @@ class Browser:
 
     def close(self) -> None:
         self.socket.close()
-        stop(self.process)
+        stop_process(self.process)
 
 
 @pytest.fixture(scope="module")

@@ -790,9 +790,11 @@ def test_edge_threshold_radix_select_equals_sort(dtype):
 
     for fraction in (0.0, 0.1, 0.5, 0.8, 0.98, 1.0):
         expected = cumulative_threshold(scores[scores > 0], fraction)
-        assert pruning._positive_threshold(blocks, fraction, scores) == expected
+        assert pruning._positive_threshold(blocks, fraction, scores.dtype) == expected
     zeros = torch.zeros(4, 4, dtype=dtype)
-    assert pruning._positive_threshold(lambda: iter([(slice(0, 4), zeros)]), 0.5, zeros) is None
+    assert (
+        pruning._positive_threshold(lambda: iter([(slice(0, 4), zeros)]), 0.5, zeros.dtype) is None
+    )
 
 
 MEMORY_SCRIPT = """

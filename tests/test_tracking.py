@@ -10,8 +10,6 @@ import os
 import resource
 import runpy
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, stop_process
 
 from tracer import outputs, tracking
 from tracer.attribute import attribute
@@ -428,12 +427,6 @@ def test_parallel_writers_to_one_prepared_sqlite_store(pipeline_root: Path, tmp_
 
 
 # ---- a real tracking server --------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
     """`mlflow server` on a free loopback port, artifacts proxied to a tmp folder; its URI."""
@@ -471,13 +464,7 @@ def mlflow_server(tmp_path: Path):
             time.sleep(0.5)
         yield uri
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        stop_process(server)
         log.close()
 
 

@@ -268,18 +268,19 @@ def _influence_on_logits(
     indices >= n_columns), logit_weights (n_rows,) nonzero on logit rows. The rows are read in
     blocks: no copy of them is made.
     """
-    row_sums = torch.cat([block.abs().sum(1) for block in _row_blocks(rows)])
+    dtype = torch.promote_types(rows.dtype, torch.float32)  # float16 storage: sums in float32
+    row_sums = torch.cat([block.to(dtype).abs().sum(1) for block in _row_blocks(rows)])
     position = torch.full((n_columns,), -1, dtype=torch.long)
     known = row_nodes < n_columns
     position[row_nodes[known]] = known.nonzero(as_tuple=True)[0]
-    influence = torch.zeros(n_columns, dtype=rows.dtype)
-    current = logit_weights.clone()
+    influence = torch.zeros(n_columns, dtype=dtype)
+    current = logit_weights.to(dtype)
     for _ in range(rows.shape[0] + 1):
         scaled = current / row_sums.clamp_min(1e-30)  # spreading |rows| normalised to sum 1
-        spread = torch.zeros(n_columns, dtype=rows.dtype)
+        spread = torch.zeros(n_columns, dtype=dtype)
         start = 0
         for block in _row_blocks(rows):
-            spread += scaled[start : start + block.shape[0]] @ block.abs()
+            spread += scaled[start : start + block.shape[0]] @ block.to(dtype).abs()
             start += block.shape[0]
         influence += spread
         current = torch.zeros_like(current)
@@ -305,6 +306,7 @@ def explore_features(
     max_feature_nodes: int | None,
     update_interval: int = 4,
     progress: bool = True,
+    storage_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows for the logits, then for features (all, or the most influential first); the graph.
 
@@ -315,7 +317,8 @@ def explore_features(
     n_active, n_columns, k = sources.n_active, sources.n_columns, len(logit_targets)
     budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     greedy = budget < n_active
-    dtype = sources.tokens.dtype
+    dtype = storage_dtype or sources.tokens.dtype
+    compute = sources.tokens.dtype
     if greedy:  # rows over all active features' columns, compacted at the end
         rows = torch.zeros(k + budget, n_columns, dtype=dtype)  # [logits | features so far]
         logit_rows, feature_rows = rows[:k], rows[k:]
@@ -325,12 +328,28 @@ def explore_features(
             adjacency[:n_active, :n_columns],
             adjacency[n_columns:, :n_columns],
         )
+    # rows are computed in the accumulation dtype, then rounded once into the storage dtype
+    scratch = None if dtype == compute else torch.empty(batch, n_columns, dtype=compute)
+
+    def fill(targets: list[Target], rows: torch.Tensor) -> None:
+        if scratch is None:
+            computer.rows(targets, out=rows)
+            return
+        block = scratch[: len(targets)].zero_()
+        computer.rows(targets, out=block)
+        rows.copy_(block)
+        if dtype == torch.float16 and not bool(torch.isfinite(rows).all()):
+            raise ValueError(
+                "an adjacency entry overflows float16 (|x| > 65504); store it as bfloat16 or "
+                "float32 instead"
+            )
+
     for i in range(0, k, batch):
         targets = [Target(None, n_pos - 1, v) for v in logit_vectors[i : i + batch]]
-        computer.rows(targets, out=logit_rows[i : i + len(targets)])
+        fill(targets, logit_rows[i : i + len(targets)])
     visited = torch.zeros(budget, dtype=torch.long)
     seen = torch.zeros(n_active, dtype=torch.bool)
-    weights = torch.tensor([t.probability for t in logit_targets], dtype=dtype)
+    weights = torch.tensor([t.probability for t in logit_targets], dtype=compute)
     logit_nodes = torch.arange(k) + n_columns
     queue, queue_start, done = torch.arange(n_active), 0, 0
     bar = tqdm(total=budget, desc="feature rows", unit="row", disable=not progress, leave=False)
@@ -339,13 +358,13 @@ def explore_features(
             influence = _influence_on_logits(
                 rows[: k + done],
                 torch.cat([logit_nodes, visited[:done]]),
-                torch.cat([weights, torch.zeros(done, dtype=dtype)]),
+                torch.cat([weights, torch.zeros(done, dtype=compute)]),
                 n_columns,
             )[:n_active]
             influence[seen] = -1.0
             queue, queue_start = influence.argsort(descending=True)[: budget - done], done
         take = queue[done - queue_start :][: min(batch, budget - done)]
-        computer.rows(_feature_targets(sources, take), out=feature_rows[done : done + len(take)])
+        fill(_feature_targets(sources, take), feature_rows[done : done + len(take)])
         visited[done : done + len(take)] = take
         seen[take] = True
         done += len(take)
@@ -379,6 +398,21 @@ def _compact(
     return selected, adjacency
 
 
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _storage_dtype(name: str | torch.dtype, model: ReplacementModel) -> torch.dtype | None:
+    """The adjacency's storage dtype, or None for the accumulation dtype (float32/float64)."""
+    dtype = STORAGE_DTYPES.get(name) if isinstance(name, str) else name
+    if dtype not in STORAGE_DTYPES.values():
+        raise ValueError(
+            f"adjacency_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {name!r}"
+        )
+    if dtype == torch.float32 or accumulation_dtype(model) == torch.float64:
+        return None
+    return dtype
+
+
 def attribute(
     prompt: str | Sequence[int] | torch.Tensor,
     model: ReplacementModel,
@@ -391,8 +425,17 @@ def attribute(
     offload: bool = False,
     zero_bos: bool = True,
     progress: bool = True,
+    adjacency_dtype: str | torch.dtype = "float32",
 ) -> Graph:
-    """Compute the attribution graph of `prompt` under `model`'s local replacement model."""
+    """Compute the attribution graph of `prompt` under `model`'s local replacement model.
+
+    `adjacency_dtype` stores the adjacency (and the rows explored for it) as float32 (default),
+    or as float16 / bfloat16 to halve its memory and file: every entry is computed in float32 and
+    rounded once, so it is within a relative 2^-11 (float16; 2^-25 absolute below 2^-14, and an
+    entry beyond 65504 is refused) or 2^-8 (bfloat16) of the float32 graph's. A float64 model
+    keeps float64.
+    """
+    storage = _storage_dtype(adjacency_dtype, model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_feature_nodes is not None and max_feature_nodes < 1:
@@ -434,6 +477,7 @@ def attribute(
         state.n_pos,
         max_feature_nodes,
         progress=progress,
+        storage_dtype=storage,
     )
     lap("rows")
     n_backward = computer.n_backward
@@ -463,6 +507,7 @@ def attribute(
                 "max_feature_nodes": max_feature_nodes,
                 "zero_bos": zero_bos,
                 "custom_targets": targets is not None,
+                "adjacency_dtype": str(adjacency.dtype).removeprefix("torch."),
             },
             "timings": timings,
             "n_backward": n_backward,

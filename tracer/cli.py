@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--desired-logit-prob", type=_fraction("--desired-logit-prob"), default=0.95)
     att.add_argument("--target", action="append", help="custom logit target token (repeatable)")
     att.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
+    att.add_argument(
+        "--adjacency-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="storage of the graph's adjacency (half precision halves memory and file)",
+    )
     att.add_argument("--revision", help="model revision (hub)")
     att.add_argument("--offload", action="store_true", help="drop transcoder weights when done")
     att.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-weights",
         action="store_true",
         help="load no weights: active features from a bound (exact for TopK sets)",
+    )
+    est.add_argument(
+        "--adjacency-dtype", choices=["float32", "float16", "bfloat16"], default="float32"
     )
     est.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -182,6 +191,7 @@ def _attribute(args: argparse.Namespace) -> None:
         max_feature_nodes=args.max_feature_nodes,
         offload=args.offload,
         progress=not args.quiet,
+        adjacency_dtype=args.adjacency_dtype,
     )
     storage = describe(graph.save(args.out))
     summary = {
@@ -435,6 +445,7 @@ def _estimate(args: argparse.Namespace) -> None:
         n_logits=args.max_n_logits,
         sample_tokens=args.sample_tokens,
         use_weights=not args.no_weights,
+        adjacency_dtype=args.adjacency_dtype,
     )
     print(json.dumps(found.to_dict(), indent=2) if args.json else human(found))
 

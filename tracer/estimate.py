@@ -35,6 +35,7 @@ import psutil
 import torch
 
 FLOAT = 4  # bytes of a float32 entry
+STORED_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # adjacency storage
 FORWARD_BUFFERS = 17  # (B, P, D) buffers alive at the peak of the linear forward
 BACKWARD_BUFFERS = 4  # (B, P, D) gradient buffers in flight during a backward pass
 TEMPORARIES = 32 << 20  # contraction blocks, allocator slack
@@ -91,6 +92,7 @@ def estimate(
     batch_size: int = 256,
     n_logits: int = 10,
     available: int | None = None,
+    adjacency_dtype: str = "float32",
 ) -> Estimate:
     """The prediction for a prompt of `n_pos` tokens with `active` features.
 
@@ -103,7 +105,8 @@ def estimate(
     selected = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     n_columns = n_active + L * P + P
     nodes = selected + L * P + P + n_logits
-    adjacency = nodes * nodes * FLOAT
+    stored = STORED_BYTES[adjacency_dtype]  # bytes of an adjacency entry
+    adjacency = nodes * nodes * stored
 
     state = L * P * F * FLOAT + 4 * L * P * D * FLOAT + L * shapes.n_heads * P * P * FLOAT
     state += P * shapes.vocab * FLOAT
@@ -114,15 +117,17 @@ def estimate(
     if max_feature_nodes is None or selected == n_active:
         rows = adjacency
     else:
-        rows = (n_logits + selected) * n_columns * FLOAT + adjacency
+        rows = (n_logits + selected) * n_columns * stored + adjacency
+    if stored != FLOAT:  # rows are computed in float32 a batch at a time, then rounded
+        rows += batch * n_columns * FLOAT
     attribution = state + sources + TEMPORARIES
     attribution += max(FORWARD_BUFFERS * buffer, rows + BACKWARD_BUFFERS * buffer)
 
     nonzero = _nonzero(per_cell, selected / max(1, n_active), n_logits)
-    sparse = int(nonzero * FLOAT + nodes * nodes * BITMAP_SHARE)
+    sparse = int(nonzero * stored + nodes * nodes * BITMAP_SHARE)
     file_bytes = min(adjacency, sparse) + n_active * (3 * 8 + FLOAT) + 4096
     # the loaded adjacency, the values read from a sparse file, the edge mask, row blocks
-    pruning = adjacency + (nonzero * FLOAT if sparse < adjacency else 0)
+    pruning = adjacency + (nonzero * stored if sparse < adjacency else 0)
     pruning += nodes * nodes + PRUNE_BLOCK
 
     available = psutil.virtual_memory().available if available is None else available
@@ -196,40 +201,32 @@ def shapes_of(model: str, transcoders: str, *, revision: str | None = None) -> S
 
     config = AutoConfig.from_pretrained(model, revision=revision)
     text = getattr(config, "text_config", None) or config
-    ts = load_transcoders(transcoders)
-    d_model, n_layers = text.hidden_size, text.num_hidden_layers
+    d_model = text.hidden_size
     mlp = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * d_model
-    per_layer = 4 * d_model * d_model + 3 * d_model * mlp
-    model_params = n_layers * per_layer + 2 * text.vocab_size * d_model
-    writes = (ts.n_layers + 1) / 2 if ts.cross_layer else 1  # decoder rows per feature
-    per_set = ts.d_transcoder * d_model * (1 + writes)  # encoder and decoders
-    return Shapes(
-        n_layers=ts.n_layers,
-        d_model=ts.d_model,
-        n_heads=text.num_attention_heads,
-        vocab=text.vocab_size,
-        d_transcoder=ts.d_transcoder,
-        cross_layer=ts.cross_layer,
-        top_k=ts.top_k,
-        model_bytes=int(model_params * FLOAT),
-        transcoder_bytes=int(per_set * ts.n_layers * FLOAT),
-    )
+    per_layer = 4 * d_model * d_model + 3 * d_model * mlp  # attention and MLP matrices
+    params = text.num_hidden_layers * per_layer + 2 * text.vocab_size * d_model
+    return _shapes(text, load_transcoders(transcoders), int(params * FLOAT))
 
 
 def shapes_of_model(replacement) -> Shapes:
     """Shapes of a loaded `ReplacementModel` (its weights counted as they are)."""
-    ts, config = replacement.transcoders, replacement.model.config
+    config = replacement.model.config
+    model_bytes = sum(p.numel() * p.element_size() for p in replacement.model.parameters())
     text = getattr(config, "text_config", None) or config
-    writes = (ts.n_layers + 1) / 2 if ts.cross_layer else 1
+    return _shapes(text, replacement.transcoders, model_bytes)
+
+
+def _shapes(text_config, ts, model_bytes: int) -> Shapes:
+    writes = (ts.n_layers + 1) / 2 if ts.cross_layer else 1  # decoder rows per feature
     return Shapes(
         n_layers=ts.n_layers,
         d_model=ts.d_model,
-        n_heads=text.num_attention_heads,
-        vocab=replacement.vocab_size,
+        n_heads=text_config.num_attention_heads,
+        vocab=text_config.vocab_size,
         d_transcoder=ts.d_transcoder,
         cross_layer=ts.cross_layer,
         top_k=ts.top_k,
-        model_bytes=sum(p.numel() * p.element_size() for p in replacement.model.parameters()),
+        model_bytes=model_bytes,
         transcoder_bytes=int(ts.n_layers * ts.d_transcoder * ts.d_model * (1 + writes) * FLOAT),
     )
 
@@ -271,6 +268,7 @@ def estimate_prompt(
     sample_tokens: int | None = None,
     use_weights: bool = True,
     dtype: str = "float32",
+    adjacency_dtype: str = "float32",
 ) -> Estimate:
     """`estimate` for a model and transcoder set on disk or on the hub, and a prompt."""
     from transformers import AutoTokenizer
@@ -296,6 +294,7 @@ def estimate_prompt(
         max_feature_nodes=max_feature_nodes,
         batch_size=batch_size,
         n_logits=n_logits,
+        adjacency_dtype=adjacency_dtype,
     )
 
 
@@ -307,7 +306,7 @@ def human(estimate: Estimate) -> str:
         f"{e.d_model}",
         f"active features: {e.active_features:,} ({e.active_from}); feature nodes "
         f"{e.feature_nodes:,}; nodes {e.nodes:,}",
-        f"adjacency (dense float32): {_gb(e.adjacency_bytes)}",
+        f"adjacency (dense): {_gb(e.adjacency_bytes)}",
         f"attribution peak: ~{_gb(e.attribution_peak_bytes)} above the weights "
         f"({_gb(e.weights_bytes)})",
         f"pruning peak: ~{_gb(e.pruning_peak_bytes)}",

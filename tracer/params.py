@@ -61,6 +61,7 @@ class AttributionParams(_Strict):
     batch_size: int = Field(256, ge=1)
     max_n_logits: int = Field(10, ge=1)
     desired_logit_prob: float = Field(0.95, gt=0, le=1)
+    adjacency_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 class PruningParams(_Strict):

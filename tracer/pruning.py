@@ -132,7 +132,8 @@ def node_influence(adjacency: Tensor, logit_weights: Tensor) -> Tensor:
     """Influence of every node on the logits. A (N, N), w (N,) -> (N,)."""
     _check_vector(logit_weights, _check_square(adjacency, "adjacency"), "logit_weights")
     graph = RowBlocks(adjacency)
-    return _influence(graph, graph.divisors(), logit_weights.to(adjacency))
+    weights = logit_weights.to(device=adjacency.device, dtype=graph.dtype)
+    return _influence(graph, graph.divisors(), weights)
 
 
 def cumulative_threshold(scores: Tensor, fraction: float) -> float:
@@ -193,7 +194,7 @@ def prune(
 
     n = layout.n_nodes
     edge_mask = torch.zeros((n, n), dtype=torch.bool, device=adjacency.device)
-    threshold = _positive_threshold(edge_scores, edge_threshold, adjacency)
+    threshold = _positive_threshold(edge_scores, edge_threshold, pruned.dtype)
     if threshold is not None:
         for part, scores in edge_scores():
             torch.ge(scores, threshold, out=edge_mask[part])
@@ -273,23 +274,25 @@ def _power_series(step: Callable[[Tensor], Tensor], weights: Tensor) -> Tensor:
 
 
 def _positive_threshold(
-    blocks: Callable[[], Iterator[tuple[slice, Tensor]]], fraction: float, like: Tensor
+    blocks: Callable[[], Iterator[tuple[slice, Tensor]]], fraction: float, dtype: torch.dtype
 ) -> float | None:
     """`cumulative_threshold` of the positive entries of all `blocks()`; None if there are none.
 
     A radix select instead of a sort: non-negative floats order like their bit patterns read as
     integers, so each pass over the blocks sums the scores by their next 16 bits under the prefix
     chosen so far, and keeps the bin where the descending running sum crosses `fraction`; the
-    last pass leaves one exact value. Blocks have `like`'s dtype and device. Equal to sorting and
+    last pass leaves one exact value. Blocks have dtype `dtype`. Equal to sorting and
     summing but for the order of the float64 additions (rounding-level, where the sum crosses).
     """
-    width = torch.finfo(like.dtype).bits
+    width = torch.finfo(dtype).bits
     as_int = {16: torch.int16, 32: torch.int32, 64: torch.int64}[width]
     n_bins = 1 << _RADIX_BITS
     prefix, above, total = 0, 0.0, 0.0  # bits chosen so far; sum of the scores above them
     for shift in range(width - _RADIX_BITS, -1, -_RADIX_BITS):
-        sums = torch.zeros(n_bins, dtype=torch.float64, device=like.device)  # by digit
+        sums = None  # by digit
         for _, block in blocks():
+            if sums is None:
+                sums = torch.zeros(n_bins, dtype=torch.float64, device=block.device)
             values = block[block > 0]
             bits = values.view(as_int)
             if shift + _RADIX_BITS < width:  # only the scores under the chosen prefix
@@ -297,6 +300,8 @@ def _positive_threshold(
                 values, bits = values[inside], bits[inside]
             digits = (bits >> shift).long() & (n_bins - 1)
             sums.index_add_(0, digits, values.double())
+        if sums is None:  # no blocks at all
+            return None
         descending = sums.flip(0)
         running = _running_sums(descending, above)
         if shift + _RADIX_BITS == width:
@@ -311,7 +316,7 @@ def _positive_threshold(
             k = int(nonempty.nonzero()[-1])
         above = float(running[k - 1]) if k > 0 else above
         prefix = (prefix << _RADIX_BITS) | (n_bins - 1 - k)
-    return float(torch.tensor(prefix, dtype=as_int).view(like.dtype))
+    return float(torch.tensor(prefix, dtype=as_int).view(dtype))
 
 
 def _drop_dangling_(node_mask: Tensor, edge_mask: Tensor, layout: NodeLayout) -> None:
@@ -356,12 +361,14 @@ def _check_square(matrix: Tensor, name: str) -> int:
 
 
 def _check_graph(adjacency: Tensor, layout: NodeLayout, logit_weights: Tensor) -> Tensor:
-    """Validate A against the layout and w; return w in A's dtype and device."""
+    """Validate A against the layout and w; return w on A's device in the computing dtype."""
     n = _check_square(adjacency, "adjacency")
     if n != layout.n_nodes:
         raise ValueError(f"adjacency is {n} x {n} but the layout has {layout.n_nodes} nodes")
     _check_vector(logit_weights, n, "logit_weights")
-    weights = logit_weights.to(adjacency)
+    # float16/bfloat16 storage is computed with in float32, as RowBlocks reads it
+    dtype = torch.promote_types(adjacency.dtype, torch.float32)
+    weights = logit_weights.to(device=adjacency.device, dtype=dtype)
     if not bool((weights >= 0).all()):
         raise ValueError("logit_weights must be non-negative (logit probabilities)")
     return weights

@@ -34,16 +34,20 @@ class RowBlocks:
         elements = BLOCK_ELEMENTS if adjacency.device.type == "cpu" else ACCELERATOR_BLOCK_ELEMENTS
         rows = max(1, min(n, elements // max(n, 1)))
         self.parts = [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
-        self._buffer = torch.empty((rows, n), dtype=adjacency.dtype, device=adjacency.device)
-        # Masks are applied as 0/1 factors in A's dtype: a float product with a bool or uint8
-        # operand casts element by element, which is twice as slow as a copy then the product.
-        self._nodes = None if node_mask is None else node_mask.to(adjacency.dtype)
+        # at least float32: an adjacency stored in float16/bfloat16 is summed in float32
+        self.dtype = torch.promote_types(adjacency.dtype, torch.float32)
+        self._buffer = torch.empty((rows, n), dtype=self.dtype, device=adjacency.device)
+        # Masks are applied as 0/1 factors in the blocks' dtype: a float product with a bool or
+        # uint8 operand casts element by element, twice as slow as a copy then the product.
+        self._nodes = None if node_mask is None else node_mask.to(self.dtype)
         self._edges = edge_mask
         self._edge_factors = None if edge_mask is None else torch.empty_like(self._buffer)
 
     def read_unmasked(self, part: slice) -> Tensor:
         """|A[part]|, (rows, N), in the shared buffer."""
         block = self._buffer[: part.stop - part.start]
+        if self.adjacency.dtype != self.dtype:
+            return block.copy_(self.adjacency[part]).abs_()
         return torch.abs(self.adjacency[part], out=block)
 
     def mask_(self, part: slice, block: Tensor) -> Tensor:

@@ -124,9 +124,11 @@ def predicted_effects(graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
     """(direct, total) predicted change of each logit when each feature node is ablated, (k, n_f)."""
     layout, adjacency = graph.layout, graph.adjacency_matrix
     features, logits = layout.feature_slice, layout.logit_slice
-    activations = graph.activation_values[graph.selected_features].to(adjacency.dtype)
-    direct = -adjacency[logits, features]
-    total = -total_effects(adjacency[logits, features], adjacency[features, features], activations)
+    dtype = torch.promote_types(adjacency.dtype, torch.float32)  # float16 storage: solve in f32
+    activations = graph.activation_values[graph.selected_features].to(dtype)
+    direct = -adjacency[logits, features].to(dtype)
+    feature_block = adjacency[features, features].to(dtype)
+    total = -total_effects(adjacency[logits, features].to(dtype), feature_block, activations)
     return direct, total
 
 
