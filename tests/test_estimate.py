@@ -35,6 +35,7 @@ TOLERANCE = 0.25
 CONFIGS = {
     "all-features": ("plt-topk", 128, 2048, "all", 256),  # ~8k nodes, a 300 MB adjacency
     "node-budget": ("plt-relu", 96, 1024, 512, 128),  # ~200k active features, 512 nodes
+    "long-prompt": ("plt-topk", 384, 1024, 256, 256),  # the batch's linear forward dominates
 }
 
 

@@ -168,7 +168,7 @@ class RowComputer:
     def __init__(self, model: ReplacementModel, state: PromptState, sources: Sources, batch: int):
         self.model, self.sources, self.batch = model, sources, batch
         self.n_pos = state.n_pos
-        self.linear: LinearPass = model.linear_forward(state, batch)
+        self.linear: LinearPass = model.linear_forward(state, batch, keep_values=False)
         # The backward needs only the graph of these outputs, not their values (the pass is
         # linear with frozen coefficients, so no op saved a batch-sized activation): free their
         # memory now, so that what stays is the batch's gradient buffers alone.

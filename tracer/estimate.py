@@ -14,8 +14,8 @@ F = features per layer, H = heads, A = active features, N = nodes, K = logit tar
   L*H*P^2, the logits P*vocab;
 - the sources: A*D*(1 + writes per feature) (encoder rows and decoder rows, CLT features write to
   every later layer);
-- the linear pass: FORWARD_BUFFERS batch-sized (B, P, D) buffers at its peak (measured), freed
-  before the rows are computed;
+- the linear pass: FORWARD_TRANSIENTS + L batch-sized (B, P, D) buffers at its peak (measured;
+  + L more when the transcoders read the residual stream), freed before the rows are computed;
 - the rows: with every feature, the (N, N) adjacency; with `max_feature_nodes`, (K + nodes) rows
   over all A + L*P + P columns, then the compact (N, N) adjacency beside them; plus
   BACKWARD_BUFFERS (B, P, D) gradient buffers in flight.
@@ -36,7 +36,10 @@ import torch
 
 FLOAT = 4  # bytes of a float32 entry
 STORED_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # adjacency storage
-FORWARD_BUFFERS = 17  # (B, P, D) buffers alive at the peak of the linear forward
+# (B, P, D) buffers alive at the peak of the linear forward: a few transients plus one per layer
+# (measured on Llama fixtures), and one more per layer when the transcoders read the residual
+# stream itself (`hook_resid_mid`), whose values stay until the forward ends
+FORWARD_TRANSIENTS = 5
 BACKWARD_BUFFERS = 4  # (B, P, D) gradient buffers in flight during a backward pass
 TEMPORARIES = 32 << 20  # contraction blocks, allocator slack
 PRUNE_BLOCK = 12 << 20  # row blocks pruning works on, and its vectors
@@ -80,6 +83,7 @@ class Shapes:
     top_k: int | None
     model_bytes: int
     transcoder_bytes: int
+    residual_reads: bool = False  # transcoders read the residual stream (hook_resid_mid)
 
 
 def estimate(
@@ -121,7 +125,8 @@ def estimate(
     if stored != FLOAT:  # rows are computed in float32 a batch at a time, then rounded
         rows += batch * n_columns * FLOAT
     attribution = state + sources + TEMPORARIES
-    attribution += max(FORWARD_BUFFERS * buffer, rows + BACKWARD_BUFFERS * buffer)
+    forward_buffers = FORWARD_TRANSIENTS + L * (2 if shapes.residual_reads else 1)
+    attribution += max(forward_buffers * buffer, rows + BACKWARD_BUFFERS * buffer)
 
     nonzero = _nonzero(per_cell, selected / max(1, n_active), n_logits)
     sparse = int(nonzero * stored + nodes * nodes * BITMAP_SHARE)
@@ -228,6 +233,7 @@ def _shapes(text_config, ts, model_bytes: int) -> Shapes:
         top_k=ts.top_k,
         model_bytes=model_bytes,
         transcoder_bytes=int(ts.n_layers * ts.d_transcoder * ts.d_model * (1 + writes) * FLOAT),
+        residual_reads=ts.feature_input_hook.endswith("hook_resid_mid"),
     )
 
 

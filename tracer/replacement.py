@@ -270,12 +270,15 @@ class ReplacementModel:
             logits=self.logits_from_hidden(final[0]),
         )
 
-    def linear_forward(self, state: PromptState, batch: int) -> LinearPass:
+    def linear_forward(
+        self, state: PromptState, batch: int, keep_values: bool = True
+    ) -> LinearPass:
         """Forward of the prompt repeated `batch` times, linear in its sources.
 
         Attention patterns and norm scales are frozen, MLP outputs are constants (plus the
         transcoder's skip term, which is linear), so gradients at the returned write points are
-        exact direct effects.
+        exact direct effects. With `keep_values=False` the read points' values are dropped as the
+        forward goes (a backward needs only their place in the graph), which lowers its peak.
         """
         ts = self.transcoders
         ids = state.input_ids[None].expand(batch, -1)
@@ -296,6 +299,10 @@ class ReplacementModel:
                     constant = state.mlp_outputs[layer] - skip_clean
                     write = constant.detach().requires_grad_(True).expand(shape).save()
                     self._replace_mlp(layer, write + ts.skip(layer, read) if ts.has_skip else write)
+                    if not keep_values and self.read_module == self.family.mlp:
+                        # the MLP's input feeds nothing now that the MLP is skipped: only its
+                        # place in the graph is needed, so its memory goes at once
+                        read.untyped_storage().resize_(0)
                     reads.append(read)
                     writes.append(write)
                 final = self.envoy.output[0].save()
