@@ -2,9 +2,10 @@
 
 Fixture (benchmarks/fixture.py): a random Llama-architecture model (6 layers, d_model 256, context
 1,024) with a per-layer JumpReLU set of 4,096 features per layer, thresholds calibrated once on
-random 128-token samples, and random-token prompts of each length. Every length runs in fresh
-processes — attribution in one, pruning + scores of the saved graph in another — so that each
-peak (`ru_maxrss`, the whole process, torch included) belongs to one phase. Up to
+random 64-token samples (which gives about as many active features per token as the reference
+tool measured on its fixture), and random-token prompts of each length. Every length runs in
+fresh processes — attribution in one, pruning + scores of the saved graph in another — so that
+each peak (`ru_maxrss`, the whole process, torch included) belongs to one phase. Up to
 `--all-features-up-to` tokens every active feature gets a row; beyond, `--max-feature-nodes`.
 
 Prints one row per length (time, peaks, the adjacency's dense size, the file size and its ratio to
@@ -92,7 +93,7 @@ def prune_worker(args: argparse.Namespace) -> dict:
 def run_worker(kind: str, tokens: int, nodes: int | None, out: Path, args) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--worker-tokens", str(tokens)]
     command += ["--worker-out", str(out), "--batch-size", str(args.batch_size)]
-    command += ["--density", str(args.density), "--calibration-tokens", "128"]
+    command += ["--density", str(args.density), "--calibration-tokens", "64"]
     if nodes is not None:
         command += ["--worker-nodes", str(nodes)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=HERE)

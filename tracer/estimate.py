@@ -24,7 +24,9 @@ phase. Pruning holds the adjacency (and, while loading a sparse file, its non-ze
 (N, N) bool edge mask and blocks of PRUNE_BLOCK bytes.
 The file holds the non-zero entries plus a compressed bitmap, or the dense matrix if smaller;
 non-zeros are counted from the graph's structure (a feature at (layer, pos) can only be reached
-from lower layers at positions <= pos), with the prompt's own active features when they are known.
+from lower layers at positions <= pos), with the prompt's own active features when they are known;
+with a node budget the selected features are assumed to sit like the active ones (the greedy
+choice concentrates them, so the file is then only roughly right, within about a half).
 """
 
 from __future__ import annotations
