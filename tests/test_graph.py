@@ -132,6 +132,7 @@ def test_file_is_self_describing(
         "max_feature_nodes": None,
         "zero_bos": True,
         "custom_targets": False,
+        "adjacency_dtype": "float32",
     }
     assert [tuple(t["token_ids"]) for t in header["logit_targets"]] == [
         t.token_ids for t in plt_graph.logit_targets
