@@ -102,7 +102,7 @@ def run_worker(kind: str, tokens: int, nodes: int | None, out: Path, args) -> di
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, all_features_up_to: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,6 +123,17 @@ def plot(rows: list[dict], path: Path) -> None:
     right.set_xlabel("prompt tokens")
     right.set_ylabel("seconds")
     right.legend(fontsize=7)
+    for axis in (left, right):  # the two regimes: every feature a node, then a node budget
+        axis.axvline(all_features_up_to + 0.5, color="grey", linestyle=":", linewidth=1)
+        axis.text(
+            all_features_up_to,
+            axis.get_ylim()[1] * 0.97,
+            " all features | node budget ",
+            ha="center",
+            va="top",
+            fontsize=7,
+            color="grey",
+        )
     fig.suptitle("tracer scale benchmark (6 layers, d_model 256, 4,096 features per layer)")
     fig.tight_layout()
     fig.savefig(path)
@@ -139,6 +150,7 @@ def main() -> None:
     parser.add_argument("--max-feature-nodes", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--plot", type=Path, help="write a PNG of the table")
+    parser.add_argument("--json", type=Path, help="write the measured rows as JSON")
     parser.add_argument("--worker", choices=["attribute", "prune"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-tokens", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-nodes", type=int, help=argparse.SUPPRESS)
@@ -178,8 +190,10 @@ def main() -> None:
                 flush=True,
             )
     if args.plot is not None:
-        plot(rows, args.plot)
+        plot(rows, args.plot, args.all_features_up_to)
         print(f"plot: {args.plot}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
     check(rows)
 
 
