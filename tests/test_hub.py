@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
 import yaml
+from hub_server import FakeHubServer, point_client_at
 from huggingface_hub import constants
 from safetensors.torch import save, save_file
 
@@ -226,74 +222,11 @@ def test_resolve_model(tmp_path: Path):
 
 
 # ---- a loopback server imitating the hub: real downloads, allow_patterns, pinning --------------
-class FakeHub(BaseHTTPRequestHandler):
-    """Hub endpoints huggingface_hub 2.4 calls; repos[repo_id] = (refs, {sha: {path: bytes}})."""
-
-    repos: dict[str, tuple[dict[str, str], dict[str, dict[str, bytes]]]] = {}
-    requests: list[str] = []
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def reply(self, code: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(code)
-        for key, value in (headers | {"Content-Length": str(len(body))}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def fail(self, error_code: str) -> None:
-        self.reply(404, b"{}", {"X-Error-Code": error_code, "Content-Type": "application/json"})
-
-    def do_GET(self) -> None:
-        path = unquote(urlsplit(self.path).path).strip("/")
-        self.requests.append(f"{self.command} {path}")
-        parts = path.split("/")
-        api = parts[:2] == ["api", "models"]
-        if len(parts) < (6 if api else 5):  # e.g. huggingface_hub's own /api/agent-harnesses probe
-            return self.fail("EntryNotFound")
-        repo_id, rev = ("/".join(parts[2:4]), parts[5]) if api else ("/".join(parts[:2]), parts[3])
-        if repo_id not in self.repos:
-            return self.fail("RepoNotFound")
-        refs, commits = self.repos[repo_id]
-        sha = refs.get(rev, rev)
-        if sha not in commits:
-            return self.fail("RevisionNotFound")
-        files, as_json = commits[sha], {"Content-Type": "application/json"}
-        if api and parts[4] == "revision":
-            return self.reply(200, json.dumps({"id": repo_id, "sha": sha}).encode(), as_json)
-        if api and parts[4] == "tree":
-            tree = [
-                {"type": "file", "path": p, "oid": hashlib.sha1(b).hexdigest(), "size": len(b)}
-                for p, b in files.items()
-            ]
-            return self.reply(200, json.dumps(tree).encode(), as_json)
-        file = "/".join(parts[4:])
-        if file not in files:
-            return self.fail("EntryNotFound")
-        etag = f'"{hashlib.sha1(files[file]).hexdigest()}"'
-        self.reply(200, files[file], {"X-Repo-Commit": sha, "ETag": etag})
-
-    do_HEAD = do_GET
-
-
 @pytest.fixture
 def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    FakeHub.repos, FakeHub.requests = {}, []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    yield FakeHub
-    server.shutdown()
-    server.server_close()
+    with FakeHubServer() as hub:
+        point_client_at(hub, monkeypatch, tmp_path / "hf-home")
+        yield hub
 
 
 def plt_repo_files(listed: bool) -> tuple[dict[str, bytes], list[dict]]:
