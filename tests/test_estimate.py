@@ -107,10 +107,11 @@ def test_structural_nonzero_count_is_close_to_a_real_graph() -> None:
 def test_topk_bound_without_weights_holds(tmp_path: Path) -> None:
     write_fixture(tmp_path, family="llama", kind="plt-topk")
     prompt = "the capital of the state containing Dallas is"
-    bound = estimate_prompt(
-        str(tmp_path / "model"), str(tmp_path / "transcoders"), prompt, use_weights=False
+    # a TopK set needs no weights by default; the forward pass can still be asked for
+    bound = estimate_prompt(str(tmp_path / "model"), str(tmp_path / "transcoders"), prompt)
+    counted = estimate_prompt(
+        str(tmp_path / "model"), str(tmp_path / "transcoders"), prompt, use_weights=True
     )
-    counted = estimate_prompt(str(tmp_path / "model"), str(tmp_path / "transcoders"), prompt)
     assert bound.active_from == "bound" and counted.active_from == "prompt"
     assert bound.n_pos == counted.n_pos
     rm = ReplacementModel.from_pretrained(str(tmp_path / "model"), str(tmp_path / "transcoders"))

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument(
         "--no-weights",
         action="store_true",
-        help="load no weights: active features from a bound (exact for TopK sets)",
+        help="load no weights: active features from a bound (the default for TopK sets, where "
+        "the bound is exact up to zero activations)",
     )
     est.add_argument(
         "--adjacency-dtype", choices=["float32", "float16", "bfloat16"], default="float32"
@@ -444,7 +445,7 @@ def _estimate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         n_logits=args.max_n_logits,
         sample_tokens=args.sample_tokens,
-        use_weights=not args.no_weights,
+        use_weights=False if args.no_weights else None,
         adjacency_dtype=args.adjacency_dtype,
     )
     print(json.dumps(found.to_dict(), indent=2) if args.json else human(found))

@@ -274,14 +274,20 @@ def estimate_prompt(
     batch_size: int = 256,
     n_logits: int = 10,
     sample_tokens: int | None = None,
-    use_weights: bool = True,
+    use_weights: bool | None = None,
     dtype: str = "float32",
     adjacency_dtype: str = "float32",
 ) -> Estimate:
-    """`estimate` for a model and transcoder set on disk or on the hub, and a prompt."""
+    """`estimate` for a model and transcoder set on disk or on the hub, and a prompt.
+
+    `use_weights` None (the default) loads the weights for a forward pass unless the set is TopK,
+    whose bound (k per position and layer) needs none; True or False forces the choice.
+    """
     from transformers import AutoTokenizer
 
     shapes = shapes_of(model, transcoders)
+    if use_weights is None:
+        use_weights = shapes.top_k is None or sample_tokens is not None
     if use_weights:
         from tracer.replacement import ReplacementModel
 
