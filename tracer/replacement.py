@@ -277,8 +277,9 @@ class ReplacementModel:
 
         Attention patterns and norm scales are frozen, MLP outputs are constants (plus the
         transcoder's skip term, which is linear), so gradients at the returned write points are
-        exact direct effects. With `keep_values=False` the read points' values are dropped as the
-        forward goes (a backward needs only their place in the graph), which lowers its peak.
+        exact direct effects. With `keep_values=False` the outputs' values are dropped (a backward
+        needs only their place in the graph, since no op of the pass saved a batch-sized
+        activation): MLP inputs as the forward goes, which lowers its peak, the rest at its end.
         """
         ts = self.transcoders
         ids = state.input_ids[None].expand(batch, -1)
@@ -308,6 +309,9 @@ class ReplacementModel:
                 final = self.envoy.output[0].save()
         finally:
             self.freezer.set_mode("off")
+        if not keep_values:  # the rest of the read points and the final state, all at once
+            for output in (*reads, final):
+                output.untyped_storage().resize_(0)
         return LinearPass(
             embed=embed,
             reads=reads,

@@ -53,12 +53,8 @@ class RowComputer:
     def __init__(self, model: ReplacementModel, state: PromptState, sources: Sources, batch: int):
         self.model, self.sources, self.batch = model, sources, batch
         self.n_pos = state.n_pos
+        # only the graph of the pass is kept, not its values: what stays is the batch's gradients
         self.linear: LinearPass = model.linear_forward(state, batch, keep_values=False)
-        # The backward needs only the graph of these outputs, not their values (the pass is
-        # linear with frozen coefficients, so no op saved a batch-sized activation): free their
-        # memory now, so that what stays is the batch's gradient buffers alone.
-        for output in (*self.linear.reads, self.linear.final_hidden):
-            output.untyped_storage().resize_(0)
         self.n_backward = 0
 
     def rows(self, targets: list[Target], out: torch.Tensor | None = None) -> torch.Tensor:
