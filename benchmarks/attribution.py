@@ -22,8 +22,8 @@ import psutil
 import torch
 from fixture import add_fixture_arguments, build_fixture
 
-from tracer.attribute import attribute, collect_sources
-from tracer.rows import RowComputer
+from tracer.attribution.attribute import attribute, collect_sources
+from tracer.attribution.rows import RowComputer
 
 
 def rss() -> int:

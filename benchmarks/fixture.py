@@ -11,8 +11,8 @@ import copy
 
 import torch
 
-from tracer.fixtures import build_model, build_transcoders, calibrate_sparsity
-from tracer.replacement import ReplacementModel
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import build_model, build_transcoders, calibrate_sparsity
 
 
 def add_fixture_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 from fixture import add_fixture_arguments, build_fixture
 
-from tracer.interventions import MODES, FeatureChange, run_with_changes
-from tracer.replacement import PromptState, ReplacementModel
+from tracer.interventions.intervene import MODES, FeatureChange, run_with_changes
+from tracer.model.replacement import PromptState, ReplacementModel
 
 TARGET = 1.3
 

@@ -6,7 +6,7 @@ in layer/position order, each reading 85% of the nodes of earlier layers at its 
 positions (about 20% of the adjacency non-zero; paths of up to 17 edges). The work measured:
 prune at (0.8, 0.98), then the full-graph and the pruned-graph scores, once with the
 straightforward dense computation of the tests (whole normalised matrices, a full sort of the
-edge scores) and once with `tracer.pruning`. Each runs in a fresh process, so peaks do not mix;
+edge scores) and once with `tracer.graph.pruning`. Each runs in a fresh process, so peaks do not mix;
 its peak is the growth of that process's peak RSS over its RSS with the adjacency built.
 Target: growth <= 1x adjacency, i.e. whole-process peak <= 2x the adjacency.
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 # The graph generator, dense reference and peak measurement are the tests', so the benchmark
-# times exactly the computation that the tests compare tracer.pruning against.
+# times exactly the computation that the tests compare tracer.graph.pruning against.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_pruning import (  # noqa: E402
     dense_prune,
@@ -35,8 +35,8 @@ from test_pruning import (  # noqa: E402
     layered_graph,
 )
 
+from tracer.graph.pruning import graph_scores, prune  # noqa: E402
 from tracer.memory import peak_growth, return_freed_memory  # noqa: E402
-from tracer.pruning import graph_scores, prune  # noqa: E402
 
 LAYERS, POSITIONS, LOGITS = 16, 32, 10
 THRESHOLDS = (0.8, 0.98)

@@ -39,7 +39,7 @@ def attribute_worker(args: argparse.Namespace) -> dict:
     import psutil
     from fixture import build_fixture
 
-    from tracer.attribute import attribute
+    from tracer.attribution.attribute import attribute
 
     fixture = argparse.Namespace(**vars(args) | {"tokens": args.worker_tokens})
     rm, plain, prompt = build_fixture(fixture)
@@ -73,7 +73,7 @@ def attribute_worker(args: argparse.Namespace) -> dict:
 def prune_worker(args: argparse.Namespace) -> dict:
     import psutil
 
-    from tracer.graph import Graph
+    from tracer.graph.graph import Graph
     from tracer.memory import return_freed_memory
 
     return_freed_memory()

@@ -1,4 +1,4 @@
-"""What the pipeline's output folder holds for the dashboard, read in `tracer.outputs`' layout.
+"""What the pipeline's output folder holds for the dashboard, read in `tracer.experiments.outputs`' layout.
 
 - `profiles/PROFILE/profile.json` and `profiles/PROFILE/PROMPT/{pruned.json, scores.json,
   pruning_curve.png}` (prune stage): a profile is viewable once it has a pruned prompt;
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tracer import outputs as paths
+from tracer.experiments import outputs as paths
 
 DEFAULT_OUTPUTS = "outputs"
 ENV_OUTPUTS = "TRACER_OUTPUTS"
@@ -183,7 +183,7 @@ def read_document(root: Path, profile: str, prompt: str) -> dict:
 
 
 def read_scores(root: Path, profile: str, prompt: str) -> dict:
-    """The prompt's scores.json (`tracer.report.prompt_report`)."""
+    """The prompt's scores.json (`tracer.experiments.report.prompt_report`)."""
     return read_json(scores_path(root, profile, prompt), "prune")
 
 

@@ -1,6 +1,6 @@
 """Viewer documents of pruned graphs: re-pruning, node descriptions, links, comparisons.
 
-A document is `{metadata, qParams, nodes, links}` as `tracer.viewer.to_viewer_json` writes it
+A document is `{metadata, qParams, nodes, links}` as `tracer.graph.viewer.to_viewer_json` writes it
 (node fields: node_id, feature, layer, ctx_idx, feature_type, influence, activation, token_prob,
 is_target_logit, clerp; links: source, target, weight). Only pruned graphs are ever turned into
 documents: a full graph never reaches the browser.
@@ -8,8 +8,8 @@ documents: a full graph never reaches the browser.
 
 from __future__ import annotations
 
-from tracer.graph import Graph
-from tracer.viewer import to_viewer_json
+from tracer.graph.graph import Graph
+from tracer.graph.viewer import to_viewer_json
 
 KINDS = ("token", "feature", "error", "logit")  # drawing order, bottom to top
 _KIND_OF_TYPE = {"embedding": "token", "mlp reconstruction error": "error", "logit": "logit"}

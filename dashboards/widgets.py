@@ -17,7 +17,7 @@ import streamlit as st
 from dashboards import catalog
 from dashboards.catalog import MissingOutputs, Outputs
 from dashboards.documents import prune_document
-from tracer.graph import Graph
+from tracer.graph.graph import Graph
 
 
 def outputs_root() -> Path:

@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from tracer import outputs
 from tracer.atomic import write_json
-from tracer.attribute import attribute
-from tracer.params import load_params
-from tracer.replacement import ReplacementModel
+from tracer.attribution.attribute import attribute
+from tracer.experiments import outputs
+from tracer.experiments.params import load_params
+from tracer.model.replacement import ReplacementModel
 from tracer.zoo.layout import write_folder
 
 ROOT = Path("outputs")

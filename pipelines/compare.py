@@ -2,7 +2,7 @@
 
 Reads `outputs/profiles/` (and the transcoder sets its profile.json files name, relative to the
 repository root) and writes `outputs/compare/`: scores.csv, sizes.csv, layers.csv, matching.csv and
-summary.json (see `tracer.compare`).
+summary.json (see `tracer.experiments.compare`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tracer.compare import write_tables
+from tracer.experiments.compare import write_tables
 
 ROOT = Path("outputs")
 OUT = ROOT / "compare"

@@ -16,10 +16,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tracer import outputs
 from tracer.atomic import write_json
-from tracer.fetch import fetch_profile, materialize
-from tracer.params import load_params
+from tracer.experiments import outputs
+from tracer.experiments.fetch import fetch_profile, materialize
+from tracer.experiments.params import load_params
 from tracer.zoo.layout import write_folder
 
 ROOT = Path("outputs")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from tracer import outputs
-from tracer.graph import Graph
-from tracer.params import load_params
-from tracer.report import prompt_report
-from tracer.viewer import to_viewer_json, write_json
+from tracer.experiments import outputs
+from tracer.experiments.params import load_params
+from tracer.experiments.report import prompt_report
+from tracer.graph.graph import Graph
+from tracer.graph.viewer import to_viewer_json, write_json
 from tracer.zoo.layout import write_folder
 
 ROOT = Path("outputs")

@@ -10,9 +10,9 @@ import json
 import os
 from pathlib import Path
 
-from tracer.params import load_params
-from tracer.tracking import ensure_store, git_tags, log_pipeline, tracking_uri
-from tracer.viewer import write_json
+from tracer.experiments.params import load_params
+from tracer.experiments.tracking import ensure_store, git_tags, log_pipeline, tracking_uri
+from tracer.graph.viewer import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

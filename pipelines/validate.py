@@ -2,7 +2,7 @@
 
 For every prompt's graph (`outputs/graphs/PROFILE/`), the `validation.top_n` most influential
 feature nodes are ablated one at a time in each of `validation.modes` and the change of each logit
-target is compared with the graph's prediction (`tracer.validation`). Writes
+target is compared with the graph's prediction (`tracer.interventions.validation`). Writes
 `outputs/validation/PROFILE/PROMPT.csv` (one row per node, target and mode) and `PROMPT.json`
 (summary and rows), and `outputs/metrics/validation/PROFILE.json` (Spearman correlation and median
 relative error per prompt and mode) for `dvc metrics show`.
@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 from pipelines.attribute import load_fetched, load_model
-from tracer import outputs
 from tracer.atomic import write_json
-from tracer.graph import Graph
-from tracer.params import load_params
-from tracer.validation import json_safe, validate_graph
+from tracer.experiments import outputs
+from tracer.experiments.params import load_params
+from tracer.graph.graph import Graph
+from tracer.interventions.validation import json_safe, validate_graph
 from tracer.zoo.layout import write_folder
 
 ROOT = Path("outputs")

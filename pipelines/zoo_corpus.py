@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from tracer.params import load_params
+from tracer.zoo.config import load_zoo_params
 from tracer.zoo.corpus import build_corpus, vocabulary
 from tracer.zoo.layout import corpus_dir, write_folder, write_json
 from tracer.zoo.tokenizer import build_tokenizer
 
 
 def main() -> None:
-    params = load_params().zoo
+    params = load_zoo_params()
     corpus = build_corpus(params.corpus)
     tokenizer = build_tokenizer(vocabulary(corpus))
 

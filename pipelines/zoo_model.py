@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from tracer.params import load_params
+from tracer.zoo.config import load_zoo_params
 from tracer.zoo.layout import (
     load_tokenizer,
     model_dir,
@@ -22,7 +22,7 @@ from tracer.zoo.train import accuracy, build_lm, train_lm
 
 
 def main(name: str) -> None:
-    params = load_params().zoo
+    params = load_zoo_params()
     if name not in params.models:
         raise SystemExit(f"unknown zoo model {name!r}; params.yaml defines {sorted(params.models)}")
     config = params.models[name]

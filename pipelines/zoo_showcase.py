@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tracer.params import load_params
-from tracer.replacement import ReplacementModel
+from tracer.model.replacement import ReplacementModel
+from tracer.zoo.config import load_zoo_params
 from tracer.zoo.layout import model_dir, report_path, transcoder_dir, write_json
 from tracer.zoo.showcase import run_showcase
 
@@ -14,7 +14,7 @@ CITY, SWAP_CITY = "tampa", "dallas"  # tampa's two-hop sentence is held out of t
 
 
 def main() -> None:
-    zoo = Path(load_params().zoo.out_dir)
+    zoo = Path(load_zoo_params().out_dir)
     model = ReplacementModel.from_pretrained(
         str(model_dir(zoo, MODEL)), str(transcoder_dir(zoo, MODEL, TRANSCODERS))
     )

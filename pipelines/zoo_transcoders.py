@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from tracer.params import load_params
-from tracer.transcoder_files import load_transcoders, save_transcoders
+from tracer.transcoders.files import load_transcoders, save_transcoders
+from tracer.zoo.config import load_zoo_params
 from tracer.zoo.layout import (
     load_tokenizer,
     model_dir,
@@ -35,7 +35,7 @@ EVAL_SENTENCES = 2000
 
 
 def main(name: str) -> None:
-    params = load_params().zoo
+    params = load_zoo_params()
     if name not in params.models:
         raise SystemExit(f"unknown zoo model {name!r}; params.yaml defines {sorted(params.models)}")
     zoo = Path(params.out_dir)

@@ -12,11 +12,11 @@ import subprocess
 import pytest
 import torch
 
-from tracer.attribute import attribute
+from tracer.attribution.attribute import attribute
 from tracer.cli import main
-from tracer.fixtures import build_model, build_tokenizer, build_transcoders
-from tracer.graph import Graph
-from tracer.replacement import ReplacementModel
+from tracer.graph.graph import Graph
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import build_model, build_tokenizer, build_transcoders
 
 TINY_PROMPT = "the capital of the state containing Dallas is"
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from tracer.attribute import attribute
-from tracer.estimate import active_per_cell, estimate, shapes_of_model
-from tracer.fixtures import build_model, build_transcoders
-from tracer.graph import Graph
+from tracer.attribution.attribute import attribute
+from tracer.attribution.estimate import active_per_cell, estimate, shapes_of_model
+from tracer.graph.graph import Graph
 from tracer.memory import peak_growth, return_freed_memory
-from tracer.replacement import ReplacementModel
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import build_model, build_transcoders
 
 N_LOGITS = 10
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from tracer.attribute import attribute
-from tracer.fixtures import build_model, build_transcoders
-from tracer.pruning import normalize_rows
-from tracer.replacement import ReplacementModel
-from tracer.transcoder_files import load_transcoders, save_transcoders
+from tracer.attribution.attribute import attribute
+from tracer.graph.pruning import normalize_rows
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import build_model, build_transcoders
+from tracer.transcoders.files import load_transcoders, save_transcoders
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
 

@@ -1,7 +1,7 @@
 """Adjacency entries equal real direct-effect interventions, for every family x transcoder kind.
 
-The adjacency comes from one backward pass per batch of targets (tracer.attribute); the check runs
-the frozen model *forward* with one source removed (tracer.interventions.direct_effect_run, which
+The adjacency comes from one backward pass per batch of targets (tracer.attribution.attribute); the check runs
+the frozen model *forward* with one source removed (tracer.interventions.intervene.direct_effect_run, which
 replays recorded attention queries/keys and norm scales) and reads every target's change:
 feature pre-activations (encoder row . read vector) and demeaned logits. Removing source s changes
 target t by exactly -A[t, s].
@@ -12,11 +12,16 @@ Tolerances, relative to the largest entry of each checked column: 1e-8 in float6
 import pytest
 import torch
 
-from tracer.attribute import attribute
-from tracer.fixtures import FIXTURE_FAMILIES, TRANSCODER_KINDS, build_model, build_transcoders
-from tracer.graph import LogitTarget
-from tracer.interventions import ErrorChange, FeatureChange, TokenChange, direct_effect_run
-from tracer.replacement import ReplacementModel
+from tracer.attribution.attribute import attribute
+from tracer.graph.graph import LogitTarget
+from tracer.interventions.intervene import (
+    ErrorChange,
+    FeatureChange,
+    TokenChange,
+    direct_effect_run,
+)
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import FIXTURE_FAMILIES, TRANSCODER_KINDS, build_model, build_transcoders
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}

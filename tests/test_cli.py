@@ -20,9 +20,9 @@ from conftest import run_cli
 from transformers import AutoTokenizer
 
 from tracer.cli import main
-from tracer.fixtures import build_transcoders
-from tracer.graph import Graph
-from tracer.transcoder_files import save_transcoders
+from tracer.graph.graph import Graph
+from tracer.testing import build_transcoders
+from tracer.transcoders.files import save_transcoders
 
 PROMPT = "the capital of the state containing Dallas is"
 N_FEATURES = 40  # --max-feature-nodes of the end-to-end graph

@@ -16,11 +16,11 @@ import torch
 from conftest import run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tracer.fixtures import write_fixture
-from tracer.graph import Graph
-from tracer.interventions import FeatureChange, intervene
-from tracer.replacement import ReplacementModel
-from tracer.validation import select_nodes
+from tracer.graph.graph import Graph
+from tracer.interventions.intervene import FeatureChange, intervene
+from tracer.interventions.validation import select_nodes
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import write_fixture
 
 PROMPT = "the capital of the state containing Dallas is"
 

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tracer import compare, outputs
-from tracer.attribute import attribute
-from tracer.fixtures import build_model, build_transcoders
-from tracer.graph import Graph
-from tracer.replacement import ReplacementModel
-from tracer.report import prompt_report
-from tracer.transcoder_files import load_transcoders, save_transcoders
-from tracer.transcoders import LayerWeights, TranscoderSet
-from tracer.viewer import write_json
+from tracer.attribution.attribute import attribute
+from tracer.experiments import compare, outputs
+from tracer.experiments.report import prompt_report
+from tracer.graph.graph import Graph
+from tracer.graph.viewer import write_json
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import build_model, build_transcoders
+from tracer.transcoders.files import load_transcoders, save_transcoders
+from tracer.transcoders.sets import LayerWeights, TranscoderSet
 
 N_LAYERS, D_MODEL, D_TC = 2, 32, 48
 PROMPTS = {"alpha": [0, 5, 9, 13, 22, 7, 30], "beta": [0, 40, 3, 17, 8, 12]}

@@ -15,8 +15,8 @@ from test_dashboard_outputs import DISABLED, PROFILES, VALIDATED, built_outputs
 from dashboards import catalog
 from dashboards.catalog import ENV_OUTPUTS
 from dashboards.layout import MAX_DRAWN_LINKS
-from tracer import outputs as paths
-from tracer.graph import Graph
+from tracer.experiments import outputs as paths
+from tracer.graph.graph import Graph
 
 REPO = Path(__file__).resolve().parents[1]
 

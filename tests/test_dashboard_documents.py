@@ -10,7 +10,7 @@ import pytest
 from test_dashboard_outputs import PROFILES, PROMPTS, SWEEP, THRESHOLDS, built_outputs
 
 from dashboards import catalog, documents
-from tracer.graph import Graph
+from tracer.graph.graph import Graph
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from test_dashboard_outputs import N_LAYERS, built_outputs
 
 from dashboards import catalog, charts, layout
 from dashboards.documents import node_kind, prompt_tokens, prune_document
-from tracer.graph import Graph
+from tracer.graph.graph import Graph
 
 REPO = Path(__file__).resolve().parents[1]
 

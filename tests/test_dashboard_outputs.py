@@ -14,16 +14,16 @@ from PIL import Image
 
 from dashboards import catalog
 from dashboards.catalog import MissingOutputs
-from tracer import outputs as paths
-from tracer.attribute import attribute
-from tracer.compare import write_tables
-from tracer.fixtures import build_model, build_tokenizer, build_transcoders
-from tracer.graph import Graph
-from tracer.replacement import ReplacementModel
-from tracer.report import prompt_report
-from tracer.transcoder_files import save_transcoders
-from tracer.validation import validate_graph
-from tracer.viewer import to_viewer_json, write_json
+from tracer.attribution.attribute import attribute
+from tracer.experiments import outputs as paths
+from tracer.experiments.compare import write_tables
+from tracer.experiments.report import prompt_report
+from tracer.graph.graph import Graph
+from tracer.graph.viewer import to_viewer_json, write_json
+from tracer.interventions.validation import validate_graph
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import build_model, build_tokenizer, build_transcoders
+from tracer.transcoders.files import save_transcoders
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ _BUILT: dict[str, Path] = {}
 
 
 def build_outputs(root: Path) -> Path:
-    """Write, in `tracer.outputs`' layout, what the attribute, prune, validate and compare stages
+    """Write, in `tracer.experiments.outputs`' layout, what the attribute, prune, validate and compare stages
     write: graphs, pruned documents, scores, one curve image, validation for one profile."""
     tokenizer = build_tokenizer()
     model = build_model("gpt2", n_layers=N_LAYERS, d_model=D_MODEL, vocab=len(tokenizer))

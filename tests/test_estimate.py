@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tracer.attribute import attribute
-from tracer.cli import main
-from tracer.estimate import (
+from tracer.attribution.attribute import attribute
+from tracer.attribution.estimate import (
     Shapes,
     active_per_cell,
     bound_per_cell,
@@ -27,8 +26,9 @@ from tracer.estimate import (
     estimate_prompt,
     shapes_of_model,
 )
-from tracer.fixtures import build_model, build_transcoders, write_fixture
-from tracer.replacement import ReplacementModel
+from tracer.cli import main
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import build_model, build_transcoders, write_fixture
 
 PROBE = Path(__file__).with_name("estimate_probe.py")
 TOLERANCE = 0.25
@@ -89,7 +89,7 @@ def test_peaks_and_file_size_within_a_quarter_of_measured(measured: dict) -> Non
 
 def test_structural_nonzero_count_is_close_to_a_real_graph() -> None:
     """The file-size model counts the entries that can be non-zero; a real graph has them."""
-    from tracer.estimate import _nonzero
+    from tracer.attribution.estimate import _nonzero
 
     torch.manual_seed(0)
     rm = ReplacementModel(

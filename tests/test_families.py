@@ -1,7 +1,7 @@
 """The family table's claims, checked with torch hooks on *unmodified* Hugging Face models.
 
 Nothing of tracer runs in the forward passes here: the tiny models are plain transformers models,
-and each claim of `tracer.families` (where the MLP reads and writes, which module feeds layer 0,
+and each claim of `tracer.model.families` (where the MLP reads and writes, which module feeds layer 0,
 which norm is final, how each norm scales) is compared to what the model really computes.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tracer.families import (
+from tracer.model.families import (
     FAMILIES,
     READ_HOOKS,
     WRITE_HOOKS,
@@ -19,7 +19,7 @@ from tracer.families import (
     get_module,
     hook_point,
 )
-from tracer.fixtures import FIXTURE_FAMILIES, build_model
+from tracer.testing import FIXTURE_FAMILIES, build_model
 
 IDS = torch.tensor([[0, 5, 9, 17, 3, 22, 41, 8, 30, 11]])  # longer than gemma2's sliding window
 ATOL = 1e-12  # float64; the only rounding is one residual addition

@@ -14,11 +14,11 @@ import yaml
 from hub_server import FakeHubServer, point_client_at
 from huggingface_hub import constants
 
-from tracer.attribute import attribute
-from tracer.fetch import FetchError, fetch_profile, folder_sha256
-from tracer.fixtures import build_model, build_tokenizer, build_transcoders
-from tracer.replacement import ReplacementModel
-from tracer.transcoder_files import save_transcoders
+from tracer.attribution.attribute import attribute
+from tracer.experiments.fetch import FetchError, fetch_profile, folder_sha256
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import build_model, build_tokenizer, build_transcoders
+from tracer.transcoders.files import save_transcoders
 
 MODEL, SET = "org/tiny-gpt2", "org/tiny-plt"
 WEIGHTS = "model.safetensors"

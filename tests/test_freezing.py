@@ -1,4 +1,4 @@
-"""Attention and norm freezing (tracer.freezing) against unmodified models and finite differences.
+"""Attention and norm freezing (tracer.model.freezing) against unmodified models and finite differences.
 
 Float64 throughout. transformers' RMSNorms compute in float32 whatever the input dtype, while the
 frozen norms compute in float64; where values are compared to an unmodified model, the reference
@@ -17,10 +17,10 @@ import pytest
 import torch
 from test_families import reference_norm
 
-from tracer.families import get_module
-from tracer.fixtures import FIXTURE_FAMILIES, build_model, build_transcoders
-from tracer.freezing import MODES, Freezer
-from tracer.replacement import ReplacementModel
+from tracer.model.families import get_module
+from tracer.model.freezing import MODES, Freezer
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import FIXTURE_FAMILIES, build_model, build_transcoders
 
 IDS = torch.tensor([[0, 5, 9, 17, 3, 22, 41, 8, 30, 11]])  # longer than gemma2's sliding window
 OTHER_IDS = torch.tensor([[0, 12, 40, 6, 33, 2, 19, 27, 50, 14]])

@@ -1,4 +1,4 @@
-"""Tests for tracer/graph.py: the graph file (round trip, header, bad files, atomic save) and
+"""Tests for tracer/graph/graph.py: the graph file (round trip, header, bad files, atomic save) and
 the node layout of a real attribution graph on a tiny model.
 
 Expectations come from outside the code under test: the safetensors header is read with
@@ -18,11 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import tracer.graph
-from tracer.attribute import attribute
-from tracer.graph import TENSOR_FIELDS, Graph, LogitTarget
-from tracer.graph_storage import TENSOR_NAMES
-from tracer.replacement import ReplacementModel
+import tracer.graph.graph
+from tracer.attribution.attribute import attribute
+from tracer.graph.graph import TENSOR_FIELDS, Graph, LogitTarget
+from tracer.graph.storage import TENSOR_NAMES
+from tracer.model.replacement import ReplacementModel
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +258,7 @@ def _failing_save_file(tensors: dict, filename: str, metadata: dict | None = Non
 def test_failed_save_leaves_no_file(
     plt_graph: Graph, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tracer.graph, "save_file", _failing_save_file)
+    monkeypatch.setattr(tracer.graph.graph, "save_file", _failing_save_file)
     with pytest.raises(OSError, match="simulated"):
         plt_graph.save(tmp_path / "new.safetensors")
     assert os.listdir(tmp_path) == []
@@ -269,7 +269,7 @@ def test_failed_save_keeps_the_older_graph(
 ) -> None:
     target = tmp_path / "g.safetensors"
     target.write_bytes(saved.read_bytes())
-    monkeypatch.setattr(tracer.graph, "save_file", _failing_save_file)
+    monkeypatch.setattr(tracer.graph.graph, "save_file", _failing_save_file)
     with pytest.raises(OSError, match="simulated"):
         plt_graph.save(target)
     assert os.listdir(tmp_path) == ["g.safetensors"]

@@ -1,4 +1,4 @@
-"""Tests for tracer/graph_storage.py: how a graph file stores its adjacency (dense, or a zlib'd
+"""Tests for tracer/graph/storage.py: how a graph file stores its adjacency (dense, or a zlib'd
 bitmap plus the non-zero values), read back bit-exact, with bad files refused by name.
 
 Expectations are computed outside the code under test: bit patterns are compared as integers,
@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_graph import node_positions_and_layers, saved_header, write_with_header
 
-from tracer import graph_storage
-from tracer.graph import TENSOR_FIELDS, Graph, LogitTarget
-from tracer.graph_storage import BITMAP, DENSE, TENSOR_NAMES, describe
+from tracer.graph import storage as graph_storage
+from tracer.graph.graph import TENSOR_FIELDS, Graph, LogitTarget
+from tracer.graph.storage import BITMAP, DENSE, TENSOR_NAMES, describe
 
 INT_VIEWS = {
     torch.float16: torch.int16,

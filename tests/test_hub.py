@@ -13,7 +13,7 @@ from safetensors.torch import save, save_file
 
 from tracer import hub
 from tracer.hub import HfRef, HubError, parse_hf_uri, resolve_model, resolve_repo_path
-from tracer.transcoder_files import load_transcoders
+from tracer.transcoders.files import load_transcoders
 
 SHA_OLD, SHA_NEW = "1" * 40, "2" * 40
 D_MODEL, D_TC = 4, 7

@@ -1,4 +1,4 @@
-"""Interventions (tracer/interventions.py) checked against independent computations.
+"""Interventions (tracer/interventions/intervene.py) checked against independent computations.
 
 The references are hand-built: a second, untouched copy of the Hugging Face model (same seed, so the
 same weights; the replacement model's copy carries tracer's freezing) run with plain torch hooks.
@@ -7,7 +7,7 @@ same weights; the replacement model's copy carries tracer's freezing) run with p
   forward hook on the module that writes the MLP output (the families table's `mlp_write`) adding
   (new - live) x the decoder row there; a cross-layer transcoder adds it to every layer >= its own.
 - Frozen attention replaces each attention module's output by o_proj(clean pattern @ values).
-- Direct effects are checked against the attribution graph's adjacency (tracer.attribute).
+- Direct effects are checked against the attribution graph's adjacency (tracer.attribution.attribute).
 
 Everything runs in float64. Tolerances: 1e-10 absolute on logits for hand-built forwards; 1e-8
 relative (to the largest entry of a column) for adjacency entries.
@@ -25,11 +25,9 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from tracer.attribute import attribute
-from tracer.families import Family, family_for, get_module
-from tracer.fixtures import FIXTURE_FAMILIES, build_model, build_transcoders
-from tracer.graph import Graph
-from tracer.interventions import (
+from tracer.attribution.attribute import attribute
+from tracer.graph.graph import Graph
+from tracer.interventions.intervene import (
     ErrorChange,
     FeatureChange,
     TokenChange,
@@ -38,8 +36,10 @@ from tracer.interventions import (
     intervene,
     run_with_changes,
 )
-from tracer.replacement import ReplacementModel
-from tracer.transcoders import TranscoderSet
+from tracer.model.families import Family, family_for, get_module
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import FIXTURE_FAMILIES, build_model, build_transcoders
+from tracer.transcoders.sets import TranscoderSet
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]  # the start token 0 is prepended: 9 positions
 N_POS = len(PROMPT) + 1

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tracer.params import load_params
+from tracer.experiments.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 

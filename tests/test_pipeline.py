@@ -28,10 +28,10 @@ import pytest
 import torch
 import yaml
 
-from tracer.graph import Graph
-from tracer.tracking import ensure_store
+from tracer.experiments.tracking import ensure_store
+from tracer.graph.graph import Graph
 
-from mlflow import MlflowClient  # isort: skip  (after tracer.tracking disables telemetry)
+from mlflow import MlflowClient  # isort: skip  (after tracer.experiments.tracking disables telemetry)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # dvc and the stages' `python` come from this environment
@@ -423,7 +423,7 @@ def test_invalid_params_fail_naming_the_key(valid: Snapshot, variant: str) -> No
     finally:
         (clone / "params.yaml").write_text(valid.params)
     assert code != 0, output
-    # The params stage (python -m tracer.params) prints load_params' message; DVC names the stage.
+    # The params stage (python -m tracer.experiments.params) prints load_params' message; DVC names the stage.
     errors = [line for line in output.splitlines() if line.startswith("invalid parameters: ")]
     assert len(errors) == 1 and message in errors[0], output
     assert "ERROR: failed to reproduce 'params'" in output

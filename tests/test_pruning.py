@@ -1,4 +1,4 @@
-"""Tests for tracer/pruning.py against independent brute-force references on tiny random DAGs.
+"""Tests for tracer/graph/pruning.py against independent brute-force references on tiny random DAGs.
 
 The references below use numpy and plain Python loops: influence by dynamic programming in
 topological order or by a matrix inverse, thresholds by a running sum, pruning by removing one
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-import tracer.pruning as pruning
-from tracer import row_blocks
-from tracer.pruning import (
+import tracer.graph.pruning as pruning
+from tracer.graph import row_blocks
+from tracer.graph.pruning import (
     NodeLayout,
     cumulative_threshold,
     graph_scores,
@@ -482,7 +482,7 @@ def test_cumulative_threshold_matches_loop(fraction, dtype):
 
 
 def test_cumulative_threshold_chunks_continue_the_running_sum(monkeypatch):
-    import tracer.pruning as pruning
+    import tracer.graph.pruning as pruning
 
     monkeypatch.setattr(pruning, "_CUMSUM_CHUNK", 16)
     g = torch.Generator().manual_seed(6)
@@ -802,7 +802,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from test_pruning import layered_graph
 from tracer.memory import peak_growth, return_freed_memory
-from tracer.pruning import graph_scores, prune
+from tracer.graph.pruning import graph_scores, prune
 
 def prune_and_score():
     result = prune(adjacency, layout, weights)

@@ -2,7 +2,7 @@
 
 import torch
 
-from tracer.report import prompt_report
+from tracer.experiments.report import prompt_report
 
 
 def test_report_matches_the_graph(plt_graph):

@@ -20,13 +20,10 @@ import pytest
 import torch
 from conftest import free_port, stop_process
 
-from tracer import outputs, tracking
-from tracer.attribute import attribute
-from tracer.fixtures import build_model, build_tokenizer, build_transcoders
-from tracer.graph import Graph
-from tracer.replacement import ReplacementModel
-from tracer.report import prompt_report
-from tracer.tracking import (
+from tracer.attribution.attribute import attribute
+from tracer.experiments import outputs, tracking
+from tracer.experiments.report import prompt_report
+from tracer.experiments.tracking import (
     RUN_KEY_TAG,
     dvc_stage_tags,
     ensure_store,
@@ -35,8 +32,11 @@ from tracer.tracking import (
     run_key,
     tracking_uri,
 )
-from tracer.validation import spearman, validate_graph
-from tracer.viewer import to_viewer_json, write_json
+from tracer.graph.graph import Graph
+from tracer.graph.viewer import to_viewer_json, write_json
+from tracer.interventions.validation import spearman, validate_graph
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import build_model, build_tokenizer, build_transcoders
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
@@ -133,7 +133,7 @@ def validation_file(root: Path, name: str) -> Path | None:
 
 
 def mlflow_client(uri: str):
-    # Imported here, after tracer.tracking has switched MLflow's telemetry off.
+    # Imported here, after tracer.experiments.tracking has switched MLflow's telemetry off.
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -153,7 +153,7 @@ def write_dvc_lock(path: Path, root: Path) -> None:
     stages = {
         f"prune@{name}": {
             "cmd": f"python -m pipelines.prune {name}",
-            "deps": [{"path": "tracer/attribute.py", "md5": "a" * 32}],
+            "deps": [{"path": "tracer/attribution/attribute.py", "md5": "a" * 32}],
             "outs": [{"path": f"{root.name}/profiles/{name}", "md5": f"{i:032d}.dir"}],
         }
         for i, name in enumerate(PROFILES)
@@ -403,7 +403,7 @@ def test_track_script_prints_the_summary(
 # ---- concurrent writers ------------------------------------------------------------------------
 WRITER = """
 import sys
-from tracer.tracking import log_pipeline
+from tracer.experiments.tracking import log_pipeline
 log_pipeline(sys.argv[1], uri=sys.argv[2])
 """
 

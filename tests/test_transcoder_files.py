@@ -12,8 +12,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tracer.transcoder_files import TranscoderFileError, load_transcoders, save_transcoders
-from tracer.transcoders import LayerWeights, TranscoderSet
+from tracer.transcoders.files import TranscoderFileError, load_transcoders, save_transcoders
+from tracer.transcoders.sets import LayerWeights, TranscoderSet
 
 N_LAYERS, D_MODEL, D_TC = 3, 6, 10  # d_model != d_transcoder so orientation mistakes show
 FIELDS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip")

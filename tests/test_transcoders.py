@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tracer.transcoders import LayerWeights, TranscoderSet, activate
+from tracer.transcoders.sets import LayerWeights, TranscoderSet, activate
 
 N_LAYERS, D_MODEL, D_TC = 3, 6, 10
 

@@ -1,4 +1,4 @@
-"""Tests for tracer/validation.py: predicted ablation effects against real interventions.
+"""Tests for tracer/interventions/validation.py: predicted ablation effects against real interventions.
 
 - direct mode: a real intervention reproduces the graph's direct prediction (float64, 1e-4 relative,
   in fact ~1e-13) for every validated node, for a cross-layer and a per-layer set;
@@ -18,12 +18,10 @@ import math
 import pytest
 import torch
 
-from tracer.attribute import attribute
-from tracer.fixtures import build_model, build_tokenizer, build_transcoders
-from tracer.graph import Graph, LogitTarget
-from tracer.interventions import FeatureChange, direct_effect_run
-from tracer.replacement import ReplacementModel
-from tracer.validation import (
+from tracer.attribution.attribute import attribute
+from tracer.graph.graph import Graph, LogitTarget
+from tracer.interventions.intervene import FeatureChange, direct_effect_run
+from tracer.interventions.validation import (
     ROW_FIELDS,
     predicted_effects,
     rank,
@@ -32,6 +30,8 @@ from tracer.validation import (
     total_effects,
     validate_graph,
 )
+from tracer.model.replacement import ReplacementModel
+from tracer.testing import build_model, build_tokenizer, build_transcoders
 
 PROMPT = "the capital of the state containing Dallas is"
 N_LAYERS = 3

@@ -1,4 +1,4 @@
-"""Tests for tracer/viewer.py: the pruned graph as the web viewers' JSON (DESIGN.md section 4).
+"""Tests for tracer/graph/viewer.py: the pruned graph as the web viewers' JSON (DESIGN.md section 4).
 
 Node ids, links and numbers are recomputed here from the graph's tensors: ids from the node
 layout, links from `adjacency[edge_mask]`, influence by a linear solve (not a power series).
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tracer.graph import Graph, LogitTarget
-from tracer.pruning import PruneResult
-from tracer.replacement import ReplacementModel
-from tracer.viewer import to_viewer_json, write_json
+from tracer.graph.graph import Graph, LogitTarget
+from tracer.graph.pruning import PruneResult
+from tracer.graph.viewer import to_viewer_json, write_json
+from tracer.model.replacement import ReplacementModel
 
 FEATURE_TYPES = {
     "feature": "cross layer transcoder",

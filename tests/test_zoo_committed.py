@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tracer.params import load_params
-from tracer.transcoder_files import load_transcoders
+from tracer.experiments.params import load_params
+from tracer.transcoders.files import load_transcoders
 from tracer.zoo.layout import (
     REPO_ROOT,
     load_tokenizer,
@@ -78,7 +78,7 @@ def test_transcoders_meet_reported_variance_explained(name, corpus, tokenizer):
 def test_showcase_graph_scores_and_state_swap_match_the_report():
     """The GPT-2 zoo model with its CLT on a held-out two-hop prompt: scores recorded in the report
     and README are recomputed here (within 0.02), and the state swap does what the report says."""
-    from tracer.replacement import ReplacementModel
+    from tracer.model.replacement import ReplacementModel
     from tracer.zoo.showcase import run_showcase
 
     reported = report("gpt2", "showcase")

@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tracer.zoo.corpus import CorpusConfig, EvalPrompt, build_corpus, vocabulary
+from tracer.zoo.config import CorpusConfig, LMConfig
+from tracer.zoo.corpus import EvalPrompt, build_corpus, vocabulary
 from tracer.zoo.tokenizer import build_tokenizer
-from tracer.zoo.train import LMConfig, accuracy, build_lm, encode_sentences, train_lm
+from tracer.zoo.train import accuracy, build_lm, encode_sentences, train_lm
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,15 @@ import math
 import pytest
 import torch
 
-from tracer.attribute import attribute
-from tracer.families import family_for, get_module
-from tracer.replacement import ReplacementModel
-from tracer.transcoder_files import load_transcoders, save_transcoders
-from tracer.zoo.corpus import CorpusConfig, build_corpus, vocabulary
+from tracer.attribution.attribute import attribute
+from tracer.model.families import family_for, get_module
+from tracer.model.replacement import ReplacementModel
+from tracer.transcoders.files import load_transcoders, save_transcoders
+from tracer.zoo.config import KINDS, CorpusConfig, LMConfig, TranscoderTrainConfig
+from tracer.zoo.corpus import build_corpus, vocabulary
 from tracer.zoo.tokenizer import build_tokenizer
-from tracer.zoo.train import LMConfig, build_lm, encode_sentences, train_lm
+from tracer.zoo.train import build_lm, encode_sentences, train_lm
 from tracer.zoo.transcoder_training import (
-    KINDS,
-    TranscoderTrainConfig,
     collect_activations,
     evaluate_transcoders,
     jumprelu,

@@ -8,8 +8,8 @@ import math
 import sys
 from pathlib import Path
 
-from tracer.graph import Graph
-from tracer.graph_storage import describe
+from tracer.graph.graph import Graph
+from tracer.graph.storage import describe
 
 
 def _fraction(name: str):
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# tracer.interventions.MODES, without importing torch for `--help`
+# tracer.interventions.intervene.MODES, without importing torch for `--help`
 MODES = ("full", "frozen_attention", "direct")
 VALIDATION_MODES = ("direct", "frozen_attention", "full")
 
@@ -176,8 +176,8 @@ def _add_validate_parser(sub) -> None:
 
 
 def _attribute(args: argparse.Namespace) -> None:
-    from tracer.attribute import attribute
-    from tracer.replacement import ReplacementModel
+    from tracer.attribution.attribute import attribute
+    from tracer.model.replacement import ReplacementModel
 
     model = ReplacementModel.from_pretrained(
         args.model, args.transcoders, dtype=args.dtype, revision=args.revision
@@ -240,7 +240,7 @@ def _tokenizer(explicit: str | None, graph: Graph):
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from tracer.viewer import to_viewer_json, write_json
+    from tracer.graph.viewer import to_viewer_json, write_json
 
     graph = Graph.load(args.graph)
     result = graph.prune(args.node_threshold, args.edge_threshold)
@@ -286,7 +286,7 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def _fixture(args: argparse.Namespace) -> None:
-    from tracer.fixtures import write_fixture
+    from tracer.testing import write_fixture
 
     paths = write_fixture(args.out, family=args.family, kind=args.kind)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -350,8 +350,8 @@ def _top_tokens(model, logits, k: int) -> list[dict]:
 
 
 def _intervene(args: argparse.Namespace) -> None:
-    from tracer.interventions import FeatureChange, generate, run_with_changes
-    from tracer.replacement import ReplacementModel
+    from tracer.interventions.intervene import FeatureChange, generate, run_with_changes
+    from tracer.model.replacement import ReplacementModel
 
     specs = [(text, "--set") for text in args.set] + [(text, "--scale") for text in args.scale]
     if not specs:
@@ -403,8 +403,8 @@ def _continuation(generation) -> dict:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from tracer.replacement import ReplacementModel
-    from tracer.validation import json_safe, validate_graph
+    from tracer.interventions.validation import json_safe, validate_graph
+    from tracer.model.replacement import ReplacementModel
 
     graph = Graph.load(args.graph)
     dtype = args.dtype or graph.metadata.get("dtype", "float32")
@@ -435,7 +435,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _estimate(args: argparse.Namespace) -> None:
-    from tracer.estimate import estimate_prompt, human
+    from tracer.attribution.estimate import estimate_prompt, human
 
     found = estimate_prompt(
         args.model,

@@ -20,10 +20,8 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tracer.zoo.config import TASKS, CorpusConfig
 
-TASKS = ("single_hop", "two_hop", "ioi", "successor", "antonym")
-DEFAULT_MIX = {"single_hop": 0.25, "two_hop": 0.15, "ioi": 0.2, "successor": 0.2, "antonym": 0.2}
 
 # state -> (capital, other cities). Real names, one word each; every city is in one state only.
 STATES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -103,27 +101,6 @@ ANTONYMS = (
 )  # fmt: skip
 ANTONYM_TEMPLATE_A = "the opposite of {x} is {y}"
 ANTONYM_TEMPLATE_B = "{x} is the opposite of {y}"
-
-
-class CorpusConfig(BaseModel):
-    """What `build_corpus` generates: size, task mixture, held-out fractions, seed."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    seed: int = 0
-    n_train: int = Field(20_000, gt=0)  # training sentences, all tasks together
-    mix: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MIX))  # relative weights
-    two_hop_held_out: float = Field(0.25, ge=0.0, lt=1.0)  # fraction of cities
-    ioi_held_out: float = Field(0.2, ge=0.0, lt=1.0)  # fraction of unordered name pairs
-    antonym_held_out: float = Field(0.3, ge=0.0, lt=1.0)  # fraction of pairs without template B
-    n_eval_ioi: int = Field(64, gt=0)  # eval prompts per split (held-out pairs, trained pairs)
-
-    @field_validator("mix")
-    @classmethod
-    def _check_mix(cls, mix: dict[str, float]) -> dict[str, float]:
-        if set(mix) != set(TASKS) or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
-            raise ValueError(f"mix must give a weight >= 0 to each of {TASKS}, got {mix}")
-        return mix
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tracer.attribute import attribute
-from tracer.interventions import FeatureChange, intervene
-from tracer.replacement import ReplacementModel
+from tracer.attribution.attribute import attribute
+from tracer.interventions.intervene import FeatureChange, intervene
+from tracer.model.replacement import ReplacementModel
 from tracer.zoo.corpus import STATE_OF, STATES
 
 TEMPLATE = "the capital of the state containing {city} is"

@@ -11,7 +11,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import (
     Gemma2Config,
@@ -23,36 +22,9 @@ from transformers import (
     PreTrainedModel,
 )
 
+from tracer.zoo.config import LMConfig
 from tracer.zoo.corpus import EvalPrompt
 
-ARCHITECTURES = ("gpt2", "llama", "gemma2")
-
-
-class LMConfig(BaseModel):
-    """Architecture and training settings of one zoo model."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    architecture: str = Field("gpt2", description="gpt2 | llama | gemma2")
-    n_layers: int = Field(4, ge=1, le=12)
-    d_model: int = Field(128, ge=16)
-    n_heads: int = Field(4, ge=1)
-    d_mlp: int = Field(512, ge=16)
-    context: int = Field(64, ge=8)
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup: int = Field(100, ge=0)
-    seed: int = 0
-
-    def model_post_init(self, _context) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}"
-            )
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
 
 
 def build_lm(config: LMConfig, tokenizer) -> PreTrainedModel:

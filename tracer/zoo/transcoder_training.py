@@ -22,16 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from tracer.families import Family, family_for, get_module
-from tracer.transcoders import LayerWeights, TranscoderSet, activate
+from tracer.model.families import Family, family_for, get_module
+from tracer.transcoders.sets import LayerWeights, TranscoderSet, activate
+from tracer.zoo.config import TranscoderTrainConfig
 from tracer.zoo.train import _batch, encode_sentences
 
-KINDS = ("plt-jumprelu", "plt-relu", "plt-topk", "plt-skip", "clt")
-_ACTIVATION = {"plt-relu": "relu", "plt-topk": "topk"}  # the other kinds are jumprelu
 
 Activations = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: x, y, each (n_tokens, d_model)
 
@@ -111,45 +109,6 @@ def collect_activations(
     return [
         (torch.cat(x)[:max_tokens], torch.cat(y)[:max_tokens]) for x, y in zip(xs, ys, strict=True)
     ]
-
-
-# ---- configuration -------------------------------------------------------------------------------
-class TranscoderTrainConfig(BaseModel):
-    """Kind, size and optimisation settings of one transcoder set.
-
-    Sparsity and thresholds live in the normalised space (per-dimension unit variance of x and y).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: str = Field("plt-jumprelu", description=" | ".join(KINDS))
-    d_transcoder: int = Field(512, ge=1)
-    steps: int = Field(2000, ge=0, description="0 returns the initialisation")
-    batch_size: int = Field(1024, ge=1, description="tokens per step")
-    lr: float = Field(2e-3, gt=0)
-    warmup: int = Field(100, ge=0, description="steps of linear learning-rate warmup")
-    l0_coefficient: float = Field(
-        1e-2, ge=0, description="JumpReLU kinds: weight of the mean L0 per layer"
-    )
-    l1_coefficient: float = Field(
-        3e-2, ge=0, description="plt-relu: weight of sum_f a_f |W_dec_f| / sqrt(d_model)"
-    )
-    top_k: int = Field(16, ge=1, description="plt-topk: active features per token")
-    initial_threshold: float = Field(0.5, gt=0, description="JumpReLU threshold at the start")
-    bandwidth: float = Field(0.05, gt=0, description="JumpReLU pseudo-derivative kernel width")
-    decoder_init_norm: float = Field(0.1, gt=0, description="norm of each initial decoder row")
-    seed: int = 0
-
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, kind: str) -> str:
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        return kind
-
-    @property
-    def activation(self) -> str:
-        return _ACTIVATION.get(self.kind, "jumprelu")
 
 
 # ---- JumpReLU with straight-through threshold gradients -----------------------------------------

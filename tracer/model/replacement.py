@@ -20,9 +20,9 @@ import torch
 from nnsight import NNsight
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from tracer.families import Family, family_for, get_module, hook_point
-from tracer.freezing import Freezer
-from tracer.transcoders import TranscoderSet
+from tracer.model.families import Family, family_for, get_module, hook_point
+from tracer.model.freezing import Freezer
+from tracer.transcoders.sets import TranscoderSet
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -120,7 +120,7 @@ class ReplacementModel:
         transcoder_revision: str | None = None,
     ) -> ReplacementModel:
         """Load a model (folder or hub id) and a transcoder set (folder or hf:// URI)."""
-        from tracer.transcoder_files import load_transcoders
+        from tracer.transcoders.files import load_transcoders
 
         lm = load_model(model, dtype=dtype, revision=revision)
         ts = load_transcoders(transcoders, revision=transcoder_revision)

@@ -204,7 +204,7 @@ def shapes_of(model: str, transcoders: str, *, revision: str | None = None) -> S
     """Shapes from the model's config and the transcoder set's config and headers (no weights)."""
     from transformers import AutoConfig
 
-    from tracer.transcoder_files import load_transcoders
+    from tracer.transcoders.files import load_transcoders
 
     config = AutoConfig.from_pretrained(model, revision=revision)
     text = getattr(config, "text_config", None) or config
@@ -289,7 +289,7 @@ def estimate_prompt(
     if use_weights is None:
         use_weights = shapes.top_k is None or sample_tokens is not None
     if use_weights:
-        from tracer.replacement import ReplacementModel
+        from tracer.model.replacement import ReplacementModel
 
         replacement = ReplacementModel.from_pretrained(model, transcoders, dtype=dtype)
         ids = replacement.tokenize(prompt)

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 from tracer.atomic import write_text
-from tracer.graph import Graph, LogitTarget
-from tracer.interventions import MODES, FeatureChange, run_with_changes
-from tracer.pruning import PruneResult
-from tracer.replacement import PromptState, ReplacementModel
+from tracer.graph.graph import Graph, LogitTarget
+from tracer.graph.pruning import PruneResult
+from tracer.interventions.intervene import MODES, FeatureChange, run_with_changes
+from tracer.model.replacement import PromptState, ReplacementModel
 
 ROW_FIELDS = (
     "mode",

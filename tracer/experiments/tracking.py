@@ -1,7 +1,7 @@
 """MLflow adapter: log the files the pipeline wrote, one parent run per pipeline execution.
 
 The only module that imports mlflow; the library core never calls it. Input, per profile and
-prompt, is the pipeline's files in the layout of `tracer.outputs`: the prune stage's
+prompt, is the pipeline's files in the layout of `tracer.experiments.outputs`: the prune stage's
 `<root>/profiles/{profile}/{prompt_id}/` (`pruned.json`, `scores.json`, optional
 `pruning_curve.png`) next to `<root>/profiles/{profile}/profile.json`, the attribute stage's graph
 file `<root>/graphs/{profile}/{prompt_id}.safetensors` and timings `<root>/runs/{profile}.json`
@@ -45,9 +45,9 @@ from pathlib import Path
 
 import yaml
 
-from tracer import outputs
-from tracer.graph import library_version
-from tracer.graph_storage import read_header
+from tracer.experiments import outputs
+from tracer.graph.graph import library_version
+from tracer.graph.storage import read_header
 
 # Before mlflow is imported: it sets up its telemetry client at import time.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

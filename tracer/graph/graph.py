@@ -2,7 +2,7 @@
 
 Node order: `[selected features | errors (layer-major) | tokens | logits]`; `adjacency_matrix[t, s]`
 is the direct effect of source s on target t. Field names follow the reference tool's.
-The file stores the adjacency dense or sparse, whichever is smaller (tracer/graph_storage.py).
+The file stores the adjacency dense or sparse, whichever is smaller (tracer/graph/storage.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tracer import graph_storage, pruning
 from tracer.atomic import atomic_path
-from tracer.graph_storage import FORMAT
+from tracer.graph import pruning
+from tracer.graph import storage as graph_storage
+from tracer.graph.storage import FORMAT
 
 TENSOR_FIELDS = (
     "adjacency_matrix",
@@ -148,7 +149,7 @@ class Graph:
         tokenizer=None,
     ) -> dict:
         """The viewer document of the pruned graph (a full graph never goes to a viewer)."""
-        from tracer.viewer import to_viewer_json
+        from tracer.graph.viewer import to_viewer_json
 
         result = self.prune(node_threshold, edge_threshold)
         return to_viewer_json(

@@ -37,7 +37,7 @@ Definitions (what every function here computes):
   masks the subgraph scores equal the full-graph scores exactly.
 
 Memory: graphs reach N ~ 60,000, an adjacency of 14 GB in float32, so nothing here copies it.
-B, P and K are read from A one block of rows at a time (`tracer.row_blocks`), the threshold of
+B, P and K are read from A one block of rows at a time (`tracer.graph.row_blocks`), the threshold of
 the N^2 edge scores is found by a radix select over their bits instead of a sort, and the only
 (N, N) allocation is the boolean edge mask. Sorting is for 1-D vectors only.
 """
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tracer.row_blocks import RowBlocks
+from tracer.graph.row_blocks import RowBlocks
 
 # Sorted scores are summed in float64 chunks of this many elements, not in one (n,) float64 copy.
 _CUMSUM_CHUNK = 1 << 22

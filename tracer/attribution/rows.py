@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tracer.replacement import LinearPass, PromptState, ReplacementModel
+from tracer.model.replacement import LinearPass, PromptState, ReplacementModel
 
 ELEMENT_BUDGET = 1 << 22  # elements per temporary (batch, chunk, d_model) gather in contractions
 

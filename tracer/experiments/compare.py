@@ -1,6 +1,6 @@
 """Cross-profile comparison tables over the graphs stage's files: scores, sizes, layers, matching.
 
-Reads, in the layout of `tracer.outputs`, `ROOT/profiles/PROFILE/profile.json` and, per prompt,
+Reads, in the layout of `tracer.experiments.outputs`, `ROOT/profiles/PROFILE/profile.json` and, per prompt,
 `ROOT/profiles/PROFILE/PROMPT/scores.json` (prune stage) and `ROOT/graphs/PROFILE/PROMPT.safetensors`
 (attribute stage). Every table here is a list of
 rows (dicts keyed by the table's `*_COLUMNS`), one CSV file each in `write_tables`:
@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tracer import outputs
 from tracer.atomic import write_text
-from tracer.graph import Graph
+from tracer.experiments import outputs
+from tracer.experiments.outputs import PROFILE_FILE, SCORES_FILE
+from tracer.graph.graph import Graph
 from tracer.hub import is_hf_uri
-from tracer.outputs import PROFILE_FILE, SCORES_FILE
-from tracer.transcoder_files import load_transcoders
-from tracer.transcoders import TranscoderSet
+from tracer.transcoders.files import load_transcoders
+from tracer.transcoders.sets import TranscoderSet
 from tracer.zoo.layout import write_json
 
 PROFILES_DIR = "profiles"

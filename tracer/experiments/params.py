@@ -12,31 +12,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tracer.zoo.corpus import CorpusConfig
-from tracer.zoo.train import LMConfig
-from tracer.zoo.transcoder_training import TranscoderTrainConfig
+from tracer.zoo.config import ZooParams
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ZooParams(_Strict):
-    """The embedded model zoo: corpus, models and transcoder sets, built under `out_dir`."""
-
-    out_dir: str = "zoo"
-    activation_tokens: int = Field(40000, ge=1000, description="tokens of activations per model")
-    corpus: CorpusConfig = CorpusConfig()
-    models: dict[str, LMConfig]
-    transcoders: dict[str, TranscoderTrainConfig]
-
-    @model_validator(mode="after")
-    def _names(self) -> ZooParams:
-        for group in (self.models, self.transcoders):
-            for name in group:
-                if not name.replace("-", "").replace("_", "").isalnum():
-                    raise ValueError(f"name {name!r} must be letters, digits, '-' or '_'")
-        return self
 
 
 class Profile(_Strict):
@@ -159,7 +139,7 @@ def _describe(error: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tracer.params [params.yaml]`: validate, print the error naming the key."""
+    """`python -m tracer.experiments.params [params.yaml]`: validate, print the error naming the key."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv

@@ -6,7 +6,7 @@ Phases, each a function below:
 3. `collect_sources`: active features in (layer, pos, feature) order and their write vectors.
 4. `ReplacementModel.linear_forward`: the prompt repeated `batch_size` times, linear in the sources,
    kept once and back-propagated many times.
-5. `RowComputer.rows` (tracer/rows.py): inject each target's read vector as the gradient at its
+5. `RowComputer.rows` (tracer/attribution/rows.py): inject each target's read vector as the gradient at its
    read point, one backward per batch of targets; contract gradients with every source's write
    vector as the backward reaches it.
 6. `explore_features`: rows for the logits, then for features in order of their current estimated
@@ -22,10 +22,10 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from tracer.graph import Graph, LogitTarget
+from tracer.attribution.rows import ELEMENT_BUDGET, RowComputer, Sources, Target
+from tracer.graph.graph import Graph, LogitTarget
 from tracer.memory import return_freed_memory
-from tracer.replacement import PromptState, ReplacementModel
-from tracer.rows import ELEMENT_BUDGET, RowComputer, Sources, Target
+from tracer.model.replacement import PromptState, ReplacementModel
 
 
 def select_logit_targets(

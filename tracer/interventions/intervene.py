@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tracer.replacement import PromptState, ReplacementModel
+from tracer.model.replacement import PromptState, ReplacementModel
 
 MODES = ("full", "frozen_attention", "direct")
 _FREEZING = {

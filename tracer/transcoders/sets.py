@@ -64,7 +64,7 @@ class TranscoderSet:
     """A per-layer transcoder set or a cross-layer transcoder over all layers of a model.
 
     `cross_layer=True`: features of layer i write to every layer j >= i. The TransformerLens-style hook
-    names say where features read and write; `tracer.families` maps them to model modules.
+    names say where features read and write; `tracer.model.families` maps them to model modules.
     """
 
     n_layers: int

@@ -32,7 +32,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from tracer.families import Family, get_module
+from tracer.model.families import Family, get_module
 
 MODES = ("off", "detach", "record", "replay")
 

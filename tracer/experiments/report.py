@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tracer.graph import Graph
-from tracer.pruning import PruneResult
+from tracer.graph.graph import Graph
+from tracer.graph.pruning import PruneResult
 
 
 def pruning_curve(graph: Graph, sweep: Sequence[tuple[float, float]]) -> list[dict]:

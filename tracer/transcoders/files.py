@@ -40,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tracer.hub import HfRef, cached_commit, is_hf_uri, parse_hf_uri, resolve_repo_path
-from tracer.transcoders import ACTIVATIONS, LayerWeights, TranscoderSet
+from tracer.transcoders.sets import ACTIVATIONS, LayerWeights, TranscoderSet
 
 CONFIG_FILE = "config.yaml"
 MODEL_KINDS = {"transcoder_set": False, "cross_layer_transcoder": True}  # kind -> cross_layer

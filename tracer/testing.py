@@ -1,7 +1,7 @@
 """Small seeded random models and transcoders for tests, benchmarks and the quick-start job.
 
 They are untrained: good for exactness checks and timings, not for looking at circuits. Every
-family of `tracer.families` can be built, with every transcoder variant.
+family of `tracer.model.families` can be built, with every transcoder variant.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from tracer.transcoders import LayerWeights, TranscoderSet
+from tracer.transcoders.sets import LayerWeights, TranscoderSet
+from tracer.zoo.config import KINDS as TRANSCODER_KINDS
 
 FIXTURE_FAMILIES = ("gpt2", "llama", "gemma2", "qwen3")
-TRANSCODER_KINDS = ("plt-jumprelu", "plt-relu", "plt-topk", "plt-skip", "clt")
 
 
 def build_model(
@@ -151,7 +151,7 @@ def write_fixture(out, *, family: str = "gpt2", kind: str = "clt", seed: int = 0
     """Write `out/model` (save_pretrained + tokenizer) and `out/transcoders` (upstream layout)."""
     from pathlib import Path
 
-    from tracer.transcoder_files import save_transcoders
+    from tracer.transcoders.files import save_transcoders
 
     out = Path(out)
     tokenizer = build_tokenizer()
@@ -169,7 +169,7 @@ def calibrate_sparsity(model, transcoders: TranscoderSet, sample_ids: torch.Tens
     """Turn a random set into a sparse JumpReLU set: per-feature thresholds at the (1 - density)
     quantile of its pre-activations on `sample_ids` (batch, n_pos), as trained sets are sparse.
 
-    `model` is a `tracer.replacement.ReplacementModel` wrapping the set.
+    `model` is a `tracer.model.replacement.ReplacementModel` wrapping the set.
     """
     if transcoders.activation != "jumprelu":
         raise ValueError("calibrate_sparsity needs a jumprelu set")

@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tracer import atomic
-from tracer.graph import Graph, library_version
-from tracer.pruning import PruneResult
+from tracer.graph.graph import Graph, library_version
+from tracer.graph.pruning import PruneResult
 
 
 def _token_text(graph: Graph, tokenizer, token: int) -> str:

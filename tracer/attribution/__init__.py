@@ -1,0 +1,1 @@
+"""Attribution: the algorithm (attribute), its backward rows, and estimates before a run."""

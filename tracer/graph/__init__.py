@@ -1,0 +1,1 @@
+"""Graphs: the Graph object, its file format, pruning, influence and the viewer document."""

@@ -1,0 +1,1 @@
+"""Interventions on feature activations, and validating a graph against them."""

@@ -1,0 +1,1 @@
+"""Transcoder sets: in-memory weights, on-disk layouts (local and hub)."""
