@@ -13,7 +13,6 @@ No Streamlit here.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,13 +81,6 @@ class Outputs:
         raise MissingOutputs(f"profile {name!r} has no pruned graphs under {self.root}")
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    """Sorted subfolders, without hidden ones (a stage's temporary folders)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def scan_outputs(root: str | Path) -> Outputs:
     """The profiles under `root/profiles` that have pruned graphs, and the reasons for the rest."""
     root = Path(root)
@@ -99,23 +91,25 @@ def scan_outputs(root: str | Path) -> Outputs:
             f"or ${ENV_OUTPUTS}."
         )
     profiles, skipped = [], {}
-    for folder in _subfolders(root / "profiles"):
-        info_path = folder / paths.PROFILE_FILE
-        if not info_path.is_file():
-            skipped[folder.name] = f"no {paths.PROFILE_FILE}: run {REPRO} (stage `prune`)"
+    try:
+        found_profiles = paths.profile_folders(root)
+    except ValueError as err:
+        raise MissingOutputs(f"{err}: run {REPRO} again.") from err
+    for found in found_profiles:
+        if found.info is None:
+            skipped[found.name] = f"no {paths.PROFILE_FILE}: run {REPRO} (stage `prune`)"
             continue
-        info = read_json(info_path)
-        prompts = tuple(p.name for p in _subfolders(folder) if (p / paths.PRUNED_FILE).is_file())
-        if not info.get("enabled", True):
-            skipped[folder.name] = (
-                f"disabled in params.yaml: set `profiles.{folder.name}.enabled: true` "
+        prompts = found.prompts_with(paths.PRUNED_FILE)
+        if not found.enabled:
+            skipped[found.name] = (
+                f"disabled in params.yaml: set `profiles.{found.name}.enabled: true` "
                 f"and run {REPRO}"
             )
         elif not prompts:
-            skipped[folder.name] = f"no pruned graphs yet: run {REPRO}"
+            skipped[found.name] = f"no pruned graphs yet: run {REPRO}"
         else:
-            profiles.append(Profile(folder.name, info, prompts))
-    for folder in _subfolders(root / "graphs"):
+            profiles.append(Profile(found.name, found.info, prompts))
+    for folder in paths.subfolders(root / "graphs"):
         if folder.name not in skipped and not any(p.name == folder.name for p in profiles):
             skipped[folder.name] = f"attributed but not pruned yet: run {REPRO} (stage `prune`)"
     if not profiles:
@@ -167,8 +161,8 @@ def read_json(path: Path, stage: str | None = None) -> dict:
     if not path.is_file():
         raise MissingOutputs(f"`{path}` is missing: run {command} to write it.")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        return paths.read_object(path, stage or "pipeline")
+    except ValueError as err:
         raise MissingOutputs(f"`{path}` is unreadable ({err}): run {command} again.") from err
 
 

@@ -1,6 +1,6 @@
 """Viewer documents of pruned graphs: re-pruning, node descriptions, links, comparisons.
 
-A document is `{metadata, qParams, nodes, links}` as `tracer.graph.viewer.to_viewer_json` writes it
+A document is `{metadata, qParams, nodes, links}` as `tracer.graph.summary.prune_graph` makes it
 (node fields: node_id, feature, layer, ctx_idx, feature_type, influence, activation, token_prob,
 is_target_logit, clerp; links: source, target, weight). Only pruned graphs are ever turned into
 documents: a full graph never reaches the browser.
@@ -9,7 +9,7 @@ documents: a full graph never reaches the browser.
 from __future__ import annotations
 
 from tracer.graph.graph import Graph
-from tracer.graph.viewer import to_viewer_json
+from tracer.graph.summary import prune_graph
 
 KINDS = ("token", "feature", "error", "logit")  # drawing order, bottom to top
 _KIND_OF_TYPE = {"embedding": "token", "mlp reconstruction error": "error", "logit": "logit"}
@@ -49,30 +49,16 @@ def prune_document(
     """Prune `graph` and return (viewer document, pruned scores and sizes).
 
     `prompt_tokens` (the pipeline document's `metadata.prompt_tokens`) label the token nodes; the
-    graph file holds token ids only. Scores: `pruned_replacement`, `pruned_completeness`,
-    `pruned_nodes`, `pruned_edges`, as in scores.json.
+    graph file holds token ids only. Scores: the `pruned_*` entries of scores.json.
     """
-    result = graph.prune(node_threshold, edge_threshold)
     tokenizer = None
     if prompt_tokens is not None and len(prompt_tokens) == graph.n_pos:
         ids = graph.input_tokens.tolist()
         tokenizer = _TokenTexts(dict(zip(ids, prompt_tokens, strict=True)))
-    document = to_viewer_json(
-        graph,
-        result,
-        slug=slug,
-        tokenizer=tokenizer,
-        node_threshold=node_threshold,
-        edge_threshold=edge_threshold,
+    pruned = prune_graph(
+        graph, node_threshold, edge_threshold, slug=slug, tokenizer=tokenizer, full_scores=False
     )
-    scores = graph.scores(result)
-    summary = {
-        "pruned_replacement": scores.replacement,
-        "pruned_completeness": scores.completeness,
-        "pruned_nodes": int(result.node_mask.sum()),
-        "pruned_edges": int(result.edge_mask.sum()),
-    }
-    return document, summary
+    return pruned.document, pruned.scores
 
 
 def prompt_tokens(document: dict) -> list[str]:

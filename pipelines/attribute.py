@@ -14,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from tracer.atomic import write_json
+from tracer.atomic import write_folder, write_json
 from tracer.attribution.attribute import attribute
 from tracer.experiments import outputs
 from tracer.experiments.params import load_params
 from tracer.model.replacement import ReplacementModel
-from tracer.zoo.layout import write_folder
 
 ROOT = Path("outputs")
 
@@ -79,7 +78,7 @@ def main(name: str) -> None:
             print(f"{name}/{spec.id}: {graph.adjacency_matrix.shape[0]} nodes")
 
     write_folder(outputs.graphs_dir(ROOT, name), fill)
-    write_json(outputs.runs_path(ROOT, name), runs, indent=2, sort_keys=True)
+    write_json(outputs.runs_path(ROOT, name), runs)
 
 
 if __name__ == "__main__":

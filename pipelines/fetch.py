@@ -16,11 +16,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tracer.atomic import write_json
+from tracer.atomic import write_folder, write_json
 from tracer.experiments import outputs
 from tracer.experiments.fetch import fetch_profile, materialize
 from tracer.experiments.params import load_params
-from tracer.zoo.layout import write_folder
 
 ROOT = Path("outputs")
 
@@ -47,7 +46,7 @@ def main(name: str) -> None:
                     materialize(record, folder / part)
                     fetched[part] = {**record, "path": str(final / part)}
             document = {"enabled": True, "dtype": profile.dtype, **fetched}
-        write_json(folder / outputs.FETCHED_FILE, document, indent=2, sort_keys=True)
+        write_json(folder / outputs.FETCHED_FILE, document)
 
     write_folder(final, fill)
 

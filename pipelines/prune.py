@@ -16,12 +16,12 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from tracer.atomic import write_folder, write_json
 from tracer.experiments import outputs
 from tracer.experiments.params import load_params
 from tracer.experiments.report import prompt_report
 from tracer.graph.graph import Graph
-from tracer.graph.viewer import to_viewer_json, write_json
-from tracer.zoo.layout import write_folder
+from tracer.graph.summary import prune_graph
 
 ROOT = Path("outputs")
 METRICS = ROOT / "metrics"  # one small file per profile for `dvc metrics show`
@@ -74,22 +74,18 @@ def load_tokenizer(name: str):
 
 def prune_prompt(graph: Graph, tokenizer, params, profile: str, prompt: str, folder: Path) -> dict:
     pruning = params.pruning
-    result = graph.prune(pruning.node_threshold, pruning.edge_threshold)
-    document = to_viewer_json(
+    pruned = prune_graph(
         graph,
-        result,
+        pruning.node_threshold,
+        pruning.edge_threshold,
         slug=f"{profile}-{prompt}",
         tokenizer=tokenizer,
-        node_threshold=pruning.node_threshold,
-        edge_threshold=pruning.edge_threshold,
     )
-    write_json(document, folder / outputs.PRUNED_FILE)
-    scores = prompt_report(
-        graph, pruning.node_threshold, pruning.edge_threshold, pruning.sweep, result=result
-    )
+    write_json(folder / outputs.PRUNED_FILE, pruned.document, indent=None)
+    scores = prompt_report(graph, pruned, pruning.sweep)
     if scores["curve"]:
         plot_curve(scores["curve"], folder / outputs.CURVE_PLOT, f"{profile} / {prompt}")
-    write_json(scores, folder / outputs.SCORES_FILE)
+    write_json(folder / outputs.SCORES_FILE, scores)
     return scores
 
 
@@ -105,7 +101,7 @@ def main(name: str) -> None:
     results: dict[str, dict] = {}
 
     def fill(folder: Path) -> None:
-        write_json(info, folder / outputs.PROFILE_FILE)
+        write_json(folder / outputs.PROFILE_FILE, info)
         if not info["enabled"]:
             return
         tokenizer = load_tokenizer(name)
@@ -119,9 +115,9 @@ def main(name: str) -> None:
 
     write_folder(outputs.profile_dir(ROOT, name), fill)
     summary = {prompt: {k: r[k] for k in SUMMARY_KEYS} for prompt, r in results.items()}
-    write_json(summary, METRICS / f"{name}.json")
+    write_json(METRICS / f"{name}.json", summary)
     curve = [dict(point, prompt=prompt) for prompt, r in results.items() for point in r["curve"]]
-    write_json(curve, PLOTS / f"{name}.json")
+    write_json(PLOTS / f"{name}.json", curve)
 
 
 if __name__ == "__main__":

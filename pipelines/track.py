@@ -10,9 +10,9 @@ import json
 import os
 from pathlib import Path
 
+from tracer.atomic import write_json
 from tracer.experiments.params import load_params
 from tracer.experiments.tracking import ensure_store, git_tags, log_pipeline, tracking_uri
-from tracer.graph.viewer import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.summary is not None:
         # what is in the store, not what this call added: the same results give the same file
         record = {k: summary[k] for k in ("disabled_profiles", "run_keys")}
-        write_json(record | {"experiment": args.experiment}, args.summary)
+        write_json(args.summary, record | {"experiment": args.experiment})
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 from pipelines.attribute import load_fetched, load_model
-from tracer.atomic import write_json
+from tracer.atomic import write_folder, write_json
 from tracer.experiments import outputs
 from tracer.experiments.params import load_params
 from tracer.graph.graph import Graph
 from tracer.interventions.validation import json_safe, validate_graph
-from tracer.zoo.layout import write_folder
 
 ROOT = Path("outputs")
 METRICS = ROOT / "metrics" / "validation"
@@ -57,7 +56,7 @@ def main(name: str) -> None:
             )
 
     write_folder(outputs.validation_dir(ROOT, name), fill)
-    write_json(METRICS / f"{name}.json", json_safe(summary), indent=2, sort_keys=True)
+    write_json(METRICS / f"{name}.json", json_safe(summary))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from tracer.atomic import write_folder, write_json
 from tracer.zoo.config import load_zoo_params
 from tracer.zoo.corpus import build_corpus, vocabulary
-from tracer.zoo.layout import corpus_dir, write_folder, write_json
+from tracer.zoo.layout import corpus_dir
 from tracer.zoo.tokenizer import build_tokenizer
 
 

@@ -9,15 +9,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from tracer.atomic import write_folder, write_json
 from tracer.zoo.config import load_zoo_params
-from tracer.zoo.layout import (
-    load_tokenizer,
-    model_dir,
-    read_corpus,
-    report_path,
-    write_folder,
-    write_json,
-)
+from tracer.zoo.layout import load_tokenizer, model_dir, read_corpus, report_path
 from tracer.zoo.train import accuracy, build_lm, train_lm
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tracer.atomic import write_json
 from tracer.model.replacement import ReplacementModel
 from tracer.zoo.config import load_zoo_params
-from tracer.zoo.layout import model_dir, report_path, transcoder_dir, write_json
+from tracer.zoo.layout import model_dir, report_path, transcoder_dir
 from tracer.zoo.showcase import run_showcase
 
 MODEL, TRANSCODERS = "gpt2", "clt"

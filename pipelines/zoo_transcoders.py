@@ -13,17 +13,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from tracer.atomic import write_folder, write_json
 from tracer.transcoders.files import load_transcoders, save_transcoders
 from tracer.zoo.config import load_zoo_params
-from tracer.zoo.layout import (
-    load_tokenizer,
-    model_dir,
-    read_corpus,
-    report_path,
-    transcoder_dir,
-    write_folder,
-    write_json,
-)
+from tracer.zoo.layout import load_tokenizer, model_dir, read_corpus, report_path, transcoder_dir
 from tracer.zoo.transcoder_training import (
     collect_activations,
     evaluate_transcoders,

@@ -5,6 +5,7 @@ import torch
 
 from tracer.attribution.attribute import attribute
 from tracer.graph.pruning import normalize_rows
+from tracer.graph.summary import prune_graph
 from tracer.model.replacement import ReplacementModel
 from tracer.testing import build_model, build_transcoders
 from tracer.transcoders.files import load_transcoders, save_transcoders
@@ -82,7 +83,7 @@ def test_to_json_is_the_pruned_graph():
         build_model("gpt2"), build_transcoders("plt-relu", n_layers=2, d_model=32)
     )
     graph = attribute(PROMPT, rm, progress=False)
-    document = graph.to_json(0.5, 0.9)
+    document = prune_graph(graph, 0.5, 0.9).document
     result = graph.prune(0.5, 0.9)
     assert len(document["nodes"]) == int(result.node_mask.sum()) < graph.layout.n_nodes
     assert document["metadata"]["node_threshold"] == 0.5

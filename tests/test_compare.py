@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tracer.atomic import write_json
 from tracer.attribution.attribute import attribute
 from tracer.experiments import compare, outputs
 from tracer.experiments.report import prompt_report
 from tracer.graph.graph import Graph
-from tracer.graph.viewer import write_json
+from tracer.graph.summary import prune_graph
 from tracer.model.replacement import ReplacementModel
 from tracer.testing import build_model, build_transcoders
 from tracer.transcoders.files import load_transcoders, save_transcoders
@@ -85,9 +86,9 @@ def brute_force_match(ts_a: TranscoderSet, ts_b: TranscoderSet, layer: int) -> t
 # ---- the graphs stage's files, written with tracer's own functions ------------------------------
 def write_prompt(graph: Graph, root: Path, profile: str, prompt: str) -> None:
     """The graph file and scores.json as the attribute and prune stages write them."""
-    scores = prompt_report(graph, *THRESHOLDS, CURVE)
+    scores = prompt_report(graph, prune_graph(graph, *THRESHOLDS), CURVE)
     graph.save(outputs.graph_path(root, profile, prompt))
-    write_json(scores, outputs.prompt_dir(root, profile, prompt) / "scores.json")
+    write_json(outputs.prompt_dir(root, profile, prompt) / "scores.json", scores)
 
 
 def write_profile_json(
@@ -102,7 +103,7 @@ def write_profile_json(
         "dtype": "float32",
         "enabled": enabled,
     }
-    write_json(info, folder / "profile.json")
+    write_json(folder / "profile.json", info)
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,8 @@ def test_repruning_keeps_exactly_what_graph_prune_keeps(root: Path, thresholds):
     assert sorted(link["weight"] for link in document["links"]) == pytest.approx(kept_weights)
     scores = graph.scores(result)
     assert summary == {
+        "node_threshold": thresholds[0],
+        "edge_threshold": thresholds[1],
         "pruned_replacement": pytest.approx(scores.replacement),
         "pruned_completeness": pytest.approx(scores.completeness),
         "pruned_nodes": int(result.node_mask.sum()),

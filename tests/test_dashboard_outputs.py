@@ -14,12 +14,13 @@ from PIL import Image
 
 from dashboards import catalog
 from dashboards.catalog import MissingOutputs
+from tracer.atomic import write_json
 from tracer.attribution.attribute import attribute
 from tracer.experiments import outputs as paths
 from tracer.experiments.compare import write_tables
 from tracer.experiments.report import prompt_report
 from tracer.graph.graph import Graph
-from tracer.graph.viewer import to_viewer_json, write_json
+from tracer.graph.summary import prune_graph
 from tracer.interventions.validation import validate_graph
 from tracer.model.replacement import ReplacementModel
 from tracer.testing import build_model, build_tokenizer, build_transcoders
@@ -52,24 +53,16 @@ def build_outputs(root: Path) -> Path:
         replacement = ReplacementModel(model, transcoders, tokenizer=tokenizer, model_id=MODEL)
         info = {"name": name, "model": MODEL, "transcoders": str(sets), "revision": None}
         info |= {"transcoder_revision": None, "dtype": "float32", "enabled": True}
-        write_json(info, paths.graphs_dir(root, name) / paths.PROFILE_FILE)
-        write_json(info, paths.profile_dir(root, name) / paths.PROFILE_FILE)
+        write_json(paths.graphs_dir(root, name) / paths.PROFILE_FILE, info)
+        write_json(paths.profile_dir(root, name) / paths.PROFILE_FILE, info)
         for prompt, text in PROMPTS.items():
             graph = attribute(text, replacement, progress=False)
             graph.save(paths.graph_path(root, name, prompt))
-            result = graph.prune(*THRESHOLDS)
             folder = paths.prompt_dir(root, name, prompt)
-            document = to_viewer_json(
-                graph,
-                result,
-                slug=f"{name}-{prompt}",
-                tokenizer=tokenizer,
-                node_threshold=THRESHOLDS[0],
-                edge_threshold=THRESHOLDS[1],
-            )
-            write_json(document, folder / paths.PRUNED_FILE)
-            report = prompt_report(graph, *THRESHOLDS, SWEEP, result=result)
-            write_json(report, folder / paths.SCORES_FILE)
+            pruned = prune_graph(graph, *THRESHOLDS, slug=f"{name}-{prompt}", tokenizer=tokenizer)
+            write_json(folder / paths.PRUNED_FILE, pruned.document)
+            report = prompt_report(graph, pruned, SWEEP)
+            write_json(folder / paths.SCORES_FILE, report)
             if name == VALIDATED:
                 validation = validate_graph(graph, replacement, top_n=4, modes=("direct",))
                 validation.to_json(paths.validation_dir(root, name) / f"{prompt}.json")
@@ -77,7 +70,7 @@ def build_outputs(root: Path) -> Path:
         paths.prompt_dir(root, VALIDATED, "dallas") / paths.CURVE_PLOT
     )
     disabled = {"name": DISABLED, "model": "org/big", "transcoders": "hf://org/sets"}
-    write_json(disabled | {"enabled": False}, paths.profile_dir(root, DISABLED) / "profile.json")
+    write_json(paths.profile_dir(root, DISABLED) / "profile.json", disabled | {"enabled": False})
     write_tables(root, root / "compare")
     return root
 
@@ -122,10 +115,10 @@ def test_missing_folders_name_the_command(tmp_path: Path):
         catalog.scan_outputs(tmp_path / "nowhere")
     with pytest.raises(MissingOutputs, match=r"dvc repro.*`attribute` and\s+`prune`"):
         catalog.scan_outputs(tmp_path)
-    write_json({"name": "p", "enabled": True}, paths.graphs_dir(tmp_path, "p") / "profile.json")
+    write_json(paths.graphs_dir(tmp_path, "p") / "profile.json", {"name": "p", "enabled": True})
     with pytest.raises(MissingOutputs, match="p: attributed but not pruned yet"):
         catalog.scan_outputs(tmp_path)
-    write_json({"name": "p", "enabled": True}, paths.profile_dir(tmp_path, "p") / "profile.json")
+    write_json(paths.profile_dir(tmp_path, "p") / "profile.json", {"name": "p", "enabled": True})
     with pytest.raises(MissingOutputs, match="p: no pruned graphs yet"):
         catalog.scan_outputs(tmp_path)
     with pytest.raises(MissingOutputs, match=r"dvc repro.*compare"):

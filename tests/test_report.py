@@ -3,10 +3,11 @@
 import torch
 
 from tracer.experiments.report import prompt_report
+from tracer.graph.summary import prune_graph
 
 
 def test_report_matches_the_graph(plt_graph):
-    report = prompt_report(plt_graph, 0.8, 0.98, [(0.5, 0.9), (0.8, 0.98)])
+    report = prompt_report(plt_graph, prune_graph(plt_graph, 0.8, 0.98), [(0.5, 0.9), (0.8, 0.98)])
     result = plt_graph.prune(0.8, 0.98)
     assert report["pruned_nodes"] == int(result.node_mask.sum())
     assert report["pruned_edges"] == int(result.edge_mask.sum())

@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import free_port, stop_process
 
+from tracer.atomic import write_json
 from tracer.attribution.attribute import attribute
 from tracer.experiments import outputs, tracking
 from tracer.experiments.report import prompt_report
@@ -33,7 +34,7 @@ from tracer.experiments.tracking import (
     tracking_uri,
 )
 from tracer.graph.graph import Graph
-from tracer.graph.viewer import to_viewer_json, write_json
+from tracer.graph.summary import prune_graph
 from tracer.interventions.validation import spearman, validate_graph
 from tracer.model.replacement import ReplacementModel
 from tracer.testing import build_model, build_tokenizer, build_transcoders
@@ -54,12 +55,12 @@ def write_prompt(
     """The attribute, prune and (optionally) validate stages' files; returns the run's timings."""
     directory = outputs.prompt_dir(root, profile, prompt)
     start = time.perf_counter()
-    result = graph.prune(*THRESHOLDS)
+    pruned = prune_graph(graph, *THRESHOLDS, slug=prompt)
     seconds = graph.metadata.pop("timings") | {"prune": time.perf_counter() - start}
-    scores = prompt_report(graph, *THRESHOLDS, CURVE, result=result)
+    scores = prompt_report(graph, pruned, CURVE)
     graph.save(outputs.graph_path(root, profile, prompt))
-    write_json(to_viewer_json(graph, result, slug=prompt), directory / "pruned.json")
-    write_json(scores, directory / "scores.json")
+    write_json(directory / "pruned.json", pruned.document)
+    write_json(directory / "scores.json", scores)
     if plot:  # any bytes do: the tracker uploads the file as it is
         (directory / "pruning_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
     if validation is not None:
@@ -83,7 +84,7 @@ def write_profile(root: Path, name: str, model: ReplacementModel, *, enabled: bo
         "dtype": "float32",
         "enabled": enabled,
     }
-    write_json(profile, profile_dir / "profile.json")
+    write_json(profile_dir / "profile.json", profile)
     runs = {}
     for index, (prompt_id, prompt) in enumerate(PROMPTS.items()):
         graph = attribute(prompt, model, max_n_logits=3, progress=False)
@@ -91,7 +92,7 @@ def write_profile(root: Path, name: str, model: ReplacementModel, *, enabled: bo
         runs[prompt_id] = write_prompt(
             graph, root, name, prompt_id, plot=index == 0, validation=validation
         )
-    write_json(runs, outputs.runs_path(root, name))
+    write_json(outputs.runs_path(root, name), runs)
 
 
 def copy_profile(pipeline_root: Path, root: Path, name: str, new_name: str | None = None) -> None:
@@ -100,6 +101,8 @@ def copy_profile(pipeline_root: Path, root: Path, name: str, new_name: str | Non
     for part in ("profiles", "graphs", "validation"):
         if (pipeline_root / part / name).is_dir():
             shutil.copytree(pipeline_root / part / name, root / part / new_name)
+    info_path = outputs.profile_dir(root, new_name) / outputs.PROFILE_FILE
+    info_path.write_text(json.dumps(json.loads(info_path.read_text()) | {"name": new_name}))
     if outputs.runs_path(pipeline_root, name).is_file():
         outputs.runs_path(root, new_name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(outputs.runs_path(pipeline_root, name), outputs.runs_path(root, new_name))
@@ -121,7 +124,7 @@ def pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_profile(root, "off", model, enabled=False)
     (root / "compare").mkdir()
     (root / "compare" / "scores.csv").write_text("profile,replacement\ntiny-plt,0.5\n")
-    write_json({"rows": 2}, root / "compare" / "scores.json")
+    write_json(root / "compare" / "scores.json", {"rows": 2})
     return root
 
 
@@ -296,12 +299,12 @@ def test_second_call_logs_nothing_and_a_changed_result_one_run(pipeline_root: Pa
     runs_file = outputs.runs_path(root, "tiny-clt")
     timings = json.loads(runs_file.read_text())
     timings["short"]["seconds"]["prune"] = 1.5
-    write_json(timings, runs_file)
+    write_json(runs_file, timings)
     assert log_pipeline(root, uri=uri)["logged"] == []
 
     scores_path = root / "profiles" / "tiny-clt" / "short" / "scores.json"
     scores = json.loads(scores_path.read_text())
-    write_json(scores | {"pruned_nodes": scores["pruned_nodes"] + 1}, scores_path)
+    write_json(scores_path, scores | {"pruned_nodes": scores["pruned_nodes"] + 1})
     third = log_pipeline(root, uri=uri)
     assert [e["name"] for e in third["logged"]] == ["tiny-clt/short"]
     runs = all_runs(client)
@@ -350,7 +353,7 @@ def test_a_score_that_is_not_a_number_is_refused(pipeline_root: Path, tmp_path: 
     root = tmp_path / "outputs"
     copy_profile(pipeline_root, root, "tiny-plt")
     path = root / "profiles" / "tiny-plt" / "short" / "scores.json"
-    write_json(json.loads(path.read_text()) | {"replacement": "high"}, path)
+    write_json(path, json.loads(path.read_text()) | {"replacement": "high"})
     with pytest.raises(ValueError, match="short/scores.json: replacement must be a number"):
         log_pipeline(root, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 

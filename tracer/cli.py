@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from tracer.atomic import write_json
 from tracer.graph.graph import Graph
 from tracer.graph.storage import describe
 
@@ -240,19 +241,19 @@ def _tokenizer(explicit: str | None, graph: Graph):
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from tracer.graph.viewer import to_viewer_json, write_json
+    from tracer.graph.summary import prune_graph
 
     graph = Graph.load(args.graph)
-    result = graph.prune(args.node_threshold, args.edge_threshold)
-    document = to_viewer_json(
+    pruned = prune_graph(
         graph,
-        result,
+        args.node_threshold,
+        args.edge_threshold,
         slug=args.graph.stem,
         tokenizer=_tokenizer(args.tokenizer, graph),
-        node_threshold=args.node_threshold,
-        edge_threshold=args.edge_threshold,
+        full_scores=False,
     )
-    write_json(document, args.json)
+    document = pruned.document
+    write_json(args.json, document, indent=None)
     print(
         json.dumps(
             {
@@ -265,23 +266,12 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
+    from tracer.graph.summary import score_summary
+
     graph = Graph.load(args.graph)
     result = graph.prune(args.node_threshold, args.edge_threshold)
-    full, pruned = graph.scores(), graph.scores(result)
     print(
-        json.dumps(
-            {
-                "replacement": full.replacement,
-                "completeness": full.completeness,
-                "pruned_replacement": pruned.replacement,
-                "pruned_completeness": pruned.completeness,
-                "node_threshold": args.node_threshold,
-                "edge_threshold": args.edge_threshold,
-                "pruned_nodes": int(result.node_mask.sum()),
-                "pruned_edges": int(result.edge_mask.sum()),
-            },
-            indent=2,
-        )
+        json.dumps(score_summary(graph, result, args.node_threshold, args.edge_threshold), indent=2)
     )
 
 

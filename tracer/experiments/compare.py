@@ -24,21 +24,19 @@ are left out of every table and listed in summary.json under `skipped` with the 
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tracer.atomic import write_text
+from tracer.atomic import write_json, write_text
 from tracer.experiments import outputs
 from tracer.experiments.outputs import PROFILE_FILE, SCORES_FILE
 from tracer.graph.graph import Graph
 from tracer.hub import is_hf_uri
 from tracer.transcoders.files import load_transcoders
 from tracer.transcoders.sets import TranscoderSet
-from tracer.zoo.layout import write_json
 
 PROFILES_DIR = "profiles"
 DEFAULT_MIN_COSINE = 0.7
@@ -94,10 +92,7 @@ class ProfileRun:
 
     def scores(self, prompt: str) -> dict:
         """The prompt's scores.json (scores, sizes, thresholds, pruning curve)."""
-        path = self.folder / prompt / SCORES_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing next to its graph file")
-        return json.loads(path.read_text())
+        return outputs.read_object(self.folder / prompt / SCORES_FILE, "prune")
 
     def thresholds(self, prompt: str) -> tuple[float, float]:
         """(node_threshold, edge_threshold) the graphs stage pruned this prompt's graph with."""
@@ -116,28 +111,19 @@ def find_profiles(root: str | Path) -> tuple[list[ProfileRun], dict[str, str]]:
         raise FileNotFoundError(f"{base} does not exist; run the graphs stage (`dvc repro`) first")
     runs: list[ProfileRun] = []
     skipped: dict[str, str] = {}
-    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        info_path = folder / PROFILE_FILE
-        if not info_path.is_file():
-            raise FileNotFoundError(f"{folder} has no {PROFILE_FILE}; it is not a profile's output")
-        info = json.loads(info_path.read_text())
-        if info.get("name") != folder.name:
-            raise ValueError(f"{info_path} names profile {info.get('name')!r}, not {folder.name!r}")
-        if not info.get("enabled", True):
-            skipped[folder.name] = "disabled"
-            continue
-        prompts = tuple(
-            sorted(
-                p.name
-                for p in folder.iterdir()
-                if (p / SCORES_FILE).is_file()
-                and outputs.graph_path(root, folder.name, p.name).is_file()
+    for profile in outputs.profile_folders(root):
+        if profile.info is None:
+            raise FileNotFoundError(
+                f"{profile.folder} has no {PROFILE_FILE}; it is not a profile's output"
             )
-        )
-        if not prompts:
-            skipped[folder.name] = "no prompt with both scores and a graph file"
+        if not profile.enabled:
+            skipped[profile.name] = "disabled"
             continue
-        runs.append(ProfileRun(folder.name, info, folder, prompts))
+        prompts = profile.prompts_with(SCORES_FILE, graph=True)
+        if not prompts:
+            skipped[profile.name] = "no prompt with both scores and a graph file"
+            continue
+        runs.append(ProfileRun(profile.name, profile.info, profile.folder, prompts))
     return runs, skipped
 
 

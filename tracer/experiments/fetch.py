@@ -226,7 +226,7 @@ def _expected_checksums(ref: HfRef, root: Path) -> dict[str, tuple[str, str]]:
         }
     except (*_HUB_ERRORS, OSError) as e:
         raise _error(pinned, f"cannot list checksums: {hub_error_reason(e)}") from e
-    write_json(record, expected, indent=1, sort_keys=True)
+    write_json(record, expected)
     return expected
 
 

@@ -20,6 +20,8 @@ and logs nothing new). Timings go to `runs/`, which no stage declares.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 PROFILE_FILE = "profile.json"
@@ -56,3 +58,71 @@ def prompt_dir(root: Path, profile: str, prompt: str) -> Path:
 
 def validation_dir(root: Path, profile: str) -> Path:
     return Path(root) / "validation" / profile
+
+
+def read_object(path: Path, stage: str) -> dict:
+    """A JSON object a stage wrote: FileNotFoundError when missing, ValueError when malformed,
+    each naming the file and the stage that writes it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; the {stage} stage writes it (`dvc repro`)")
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable ({err}); run the {stage} stage again") from err
+    if not isinstance(document, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(document).__name__}")
+    return document
+
+
+@dataclass(frozen=True)
+class ProfileFolder:
+    """One profile's folder under `ROOT/profiles` (the prune stage's output)."""
+
+    root: Path
+    name: str
+    info: dict | None  # profile.json, None when the folder has none
+    prompts: tuple[str, ...]  # its prompt folders, sorted
+
+    @property
+    def folder(self) -> Path:
+        return profile_dir(self.root, self.name)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.info and self.info.get("enabled", True))
+
+    def prompts_with(self, *files: str, graph: bool = False) -> tuple[str, ...]:
+        """Prompts whose folder holds every one of `files` (and, with `graph`, a graph file)."""
+        return tuple(
+            p
+            for p in self.prompts
+            if all((prompt_dir(self.root, self.name, p) / f).is_file() for f in files)
+            and (not graph or graph_path(self.root, self.name, p).is_file())
+        )
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """Sorted subfolders, without hidden ones (a stage's temporary folders while it writes)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def profile_folders(root: Path) -> list[ProfileFolder]:
+    """Every profile folder under `root/profiles`, sorted by name: the one scan of the outputs
+    that tracking, compare and the explorer share. A profile.json that names another profile is
+    an error (a folder copied by hand)."""
+    found = []
+    for folder in subfolders(Path(root) / "profiles"):
+        info = None
+        if (folder / PROFILE_FILE).is_file():
+            info = read_object(folder / PROFILE_FILE, "prune")
+            if info.get("name", folder.name) != folder.name:
+                raise ValueError(
+                    f"{folder / PROFILE_FILE} names profile {info.get('name')!r}, not {folder.name!r}"
+                )
+        prompts = tuple(p.name for p in subfolders(folder))
+        found.append(ProfileFolder(Path(root), folder.name, info, prompts))
+    return found

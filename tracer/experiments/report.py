@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tracer.graph.graph import Graph
-from tracer.graph.pruning import PruneResult
+from tracer.graph.summary import PrunedGraph
 
 
 def pruning_curve(graph: Graph, sweep: Sequence[tuple[float, float]]) -> list[dict]:
@@ -27,29 +27,6 @@ def pruning_curve(graph: Graph, sweep: Sequence[tuple[float, float]]) -> list[di
     return curve
 
 
-def prompt_report(
-    graph: Graph,
-    node_threshold: float,
-    edge_threshold: float,
-    sweep: Sequence[tuple[float, float]] = (),
-    result: PruneResult | None = None,
-) -> dict:
-    """Scores (full and pruned), sizes and the pruning curve of one graph."""
-    if result is None:
-        result = graph.prune(node_threshold, edge_threshold)
-    full, pruned = graph.scores(), graph.scores(result)
-    return {
-        "replacement": full.replacement,
-        "completeness": full.completeness,
-        "pruned_replacement": pruned.replacement,
-        "pruned_completeness": pruned.completeness,
-        "nodes": graph.layout.n_nodes,
-        "edges": graph.n_edges(),
-        "pruned_nodes": int(result.node_mask.sum()),
-        "pruned_edges": int(result.edge_mask.sum()),
-        "active_features": int(graph.active_features.shape[0]),
-        "selected_features": graph.layout.n_features,
-        "node_threshold": node_threshold,
-        "edge_threshold": edge_threshold,
-        "curve": pruning_curve(graph, sweep),
-    }
+def prompt_report(graph: Graph, pruned: PrunedGraph, sweep: Sequence[tuple[float, float]]) -> dict:
+    """scores.json: the pruned graph's scores and sizes, the full graph's, and the pruning curve."""
+    return pruned.scores | {"curve": pruning_curve(graph, sweep)}

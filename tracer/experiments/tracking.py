@@ -207,15 +207,6 @@ class PromptResult:
         return f"{self.profile}/{self.prompt_id}"
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; the prune stage writes it")
-    document = json.loads(path.read_text())
-    if not isinstance(document, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(document).__name__}")
-    return document
-
-
 def find_results(root: str | Path) -> tuple[list[PromptResult], list[str]]:
     """Every (profile, prompt) result under `root/profiles`, and the names of disabled profiles.
 
@@ -225,18 +216,20 @@ def find_results(root: str | Path) -> tuple[list[PromptResult], list[str]]:
         raise FileNotFoundError(f"{profiles} does not exist; the pipeline's graph stages write it")
     results: list[PromptResult] = []
     disabled: list[str] = []
-    for profile_dir in sorted(p for p in profiles.glob("*") if p.is_dir()):
-        info = _read_json(profile_dir / "profile.json")
-        missing = [f for f in ("enabled", *PROFILE_FIELDS) if f not in info]
+    for profile in outputs.profile_folders(root):
+        info_path = profile.folder / outputs.PROFILE_FILE
+        if profile.info is None:
+            raise FileNotFoundError(f"{info_path} does not exist; the prune stage writes it")
+        missing = [f for f in ("enabled", *PROFILE_FIELDS) if f not in profile.info]
         if missing:
-            raise ValueError(f"{profile_dir / 'profile.json'} lacks {missing}")
-        if not info["enabled"]:
-            disabled.append(profile_dir.name)
+            raise ValueError(f"{info_path} lacks {missing}")
+        if not profile.enabled:
+            disabled.append(profile.name)
             continue
-        runs_file = outputs.runs_path(root, profile_dir.name)
-        runs = _read_json(runs_file) if runs_file.is_file() else {}
-        for prompt_dir in sorted(p for p in profile_dir.glob("*") if (p / "scores.json").is_file()):
-            results.append(_read_result(Path(root), prompt_dir, info, runs))
+        runs_file = outputs.runs_path(root, profile.name)
+        runs = outputs.read_object(runs_file, "attribute") if runs_file.is_file() else {}
+        for prompt in profile.prompts_with(outputs.SCORES_FILE):
+            results.append(_read_result(Path(root), profile.folder / prompt, profile.info, runs))
     return results, disabled
 
 
@@ -249,7 +242,7 @@ def _read_result(root: Path, directory: Path, info: dict, runs: dict) -> PromptR
     if not graph_path.is_file():
         raise FileNotFoundError(f"{graph_path} does not exist; the attribute stage writes it")
     scores_bytes = (directory / "scores.json").read_bytes()
-    scores = _read_json(directory / "scores.json")
+    scores = outputs.read_object(directory / outputs.SCORES_FILE, "prune")
     missing = [k for k in (*SCORE_METRICS, "node_threshold", "edge_threshold") if k not in scores]
     if missing:
         raise ValueError(f"{directory / 'scores.json'} lacks {missing}")

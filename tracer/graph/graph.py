@@ -140,27 +140,6 @@ class Graph:
             self.adjacency_matrix, layout, self.logit_weights(), node_mask=node_mask
         )
 
-    def to_json(
-        self,
-        node_threshold: float = 0.8,
-        edge_threshold: float = 0.98,
-        *,
-        slug: str = "graph",
-        tokenizer=None,
-    ) -> dict:
-        """The viewer document of the pruned graph (a full graph never goes to a viewer)."""
-        from tracer.graph.viewer import to_viewer_json
-
-        result = self.prune(node_threshold, edge_threshold)
-        return to_viewer_json(
-            self,
-            result,
-            slug=slug,
-            tokenizer=tokenizer,
-            node_threshold=node_threshold,
-            edge_threshold=edge_threshold,
-        )
-
     # ---- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write a .safetensors file atomically (temporary name, then rename) and return its path.

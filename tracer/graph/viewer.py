@@ -12,9 +12,6 @@ unambiguous; ids of the scheme are otherwise kept exactly.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tracer import atomic
 from tracer.graph.graph import Graph, library_version
 from tracer.graph.pruning import PruneResult
 
@@ -137,8 +134,3 @@ def to_viewer_json(
         "sg_pos": "",
     }
     return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
-
-
-def write_json(document: dict, path: str | Path) -> Path:
-    """Write a viewer document atomically (temporary name, then rename)."""
-    return atomic.write_json(path, document)
