@@ -1,4 +1,4 @@
-"""Tests for tracer/cli.py: `tracer fixture | attribute | prune | score`, run in-process.
+"""Tests for tracer/cli/: `tracer fixture | attribute | prune | score`, run in-process.
 
 End to end on the fixture model (4 layers, d_model 64, context 128), then every kind of bad input:
 each must exit with code 2, say what is wrong on stderr and leave no output file behind.

@@ -1,4 +1,4 @@
-"""Tests for `tracer intervene` and `tracer validate` (tracer/cli.py), run in-process.
+"""Tests for `tracer intervene` and `tracer validate` (tracer/cli/), run in-process.
 
 End to end on the fixture written by `write_fixture` (GPT-2 family, 4 layers, cross-layer set).
 The "before" distribution and the clean continuation are recomputed here with the plain Hugging Face

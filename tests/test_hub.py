@@ -12,7 +12,14 @@ from huggingface_hub import constants
 from safetensors.torch import save, save_file
 
 from tracer import hub
-from tracer.hub import HfRef, HubError, parse_hf_uri, resolve_model, resolve_repo_path
+from tracer.hub import (
+    HfRef,
+    HubError,
+    looks_local,
+    parse_hf_uri,
+    resolve_model,
+    resolve_repo_path,
+)
 from tracer.transcoders.files import load_transcoders
 
 SHA_OLD, SHA_NEW = "1" * 40, "2" * 40
@@ -214,7 +221,13 @@ def test_resolve_model(tmp_path: Path):
     assert resolve_model(str(tmp_path)) == tmp_path
     assert resolve_model("org/tiny-model", revision="v1") == "org/tiny-model"
     with pytest.raises(ValueError, match="neither an existing local folder nor a valid hub"):
-        resolve_model("not a/valid/id")
+        resolve_model("not a/valid id")
+    # more than one '/' is a path by the one local-or-hub rule (hub ids are 'org/name')
+    with pytest.raises(FileNotFoundError, match="model folder not/a/folder does not exist"):
+        resolve_model("not/a/folder")
+    assert looks_local("./gpt2") and looks_local(tmp_path) and looks_local("zoo/models/gpt2")
+    assert not looks_local("gpt2") and not looks_local("org/name")
+    assert not looks_local("hf://org/name/sub/dir")
     with pytest.raises(ValueError, match="local folder; a revision"):
         resolve_model(tmp_path, revision="v1")
     with pytest.raises(ValueError, match="not a URI"):

@@ -27,8 +27,6 @@ from tracer.graph.pruning import (
     cumulative_threshold,
     graph_scores,
     node_influence,
-    normalize_rows,
-    propagate_influence,
     prune,
 )
 
@@ -403,18 +401,6 @@ def test_layout_slices_partition_nodes_in_order():
         NodeLayout(1, 1, -1, 1)
 
 
-def test_normalize_rows_matches_loop_and_keeps_zero_rows():
-    adjacency, *_ = random_graph(0)
-    normalized = normalize_rows(adjacency)
-    np.testing.assert_allclose(normalized.numpy(), ref_normalize(adjacency.numpy()), atol=1e-15)
-    zero_rows = ~adjacency.any(dim=1)
-    assert zero_rows.any() and (~zero_rows).any()
-    assert (normalized[zero_rows] == 0).all()
-    torch.testing.assert_close(
-        normalized[~zero_rows].sum(dim=1), torch.ones(int((~zero_rows).sum())).double()
-    )
-
-
 # ---------------------------------------------------------------------------- influence
 
 
@@ -439,19 +425,20 @@ def test_influence_float32_close_to_float64():
     )
 
 
-def test_propagate_influence_on_a_chain_by_hand():
-    # node 2 reads 0.25 from node 1 and 0.75 from node 0; node 1 reads all from node 0
+def test_influence_on_a_chain_by_hand():
+    # node 2 reads 0.25 from node 1 and 0.75 from node 0; node 1 reads all from node 0 (rows
+    # already sum to 1, so the adjacency is its own normalisation)
     normalized = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.75, 0.25, 0.0]])
-    got = propagate_influence(normalized, torch.tensor([0.0, 0.0, 2.0]))
+    got = node_influence(normalized, torch.tensor([0.0, 0.0, 2.0]))
     torch.testing.assert_close(got, torch.tensor([2 * (0.75 + 0.25), 2 * 0.25, 0.0]))
     # a cycle that no weighted node reaches does not change any influence
     with_cycle = torch.zeros(5, 5)
     with_cycle[:3, :3] = normalized
     with_cycle[3, 4] = with_cycle[4, 3] = 1.0
-    got = propagate_influence(with_cycle, torch.tensor([0.0, 0.0, 2.0, 0.0, 0.0]))
+    got = node_influence(with_cycle, torch.tensor([0.0, 0.0, 2.0, 0.0, 0.0]))
     torch.testing.assert_close(got, torch.tensor([2.0, 0.5, 0.0, 0.0, 0.0]))
-    with pytest.raises(ValueError, match=r"weights must have shape \(3,\)"):
-        propagate_influence(normalized, torch.ones(4))
+    with pytest.raises(ValueError, match=r"logit_weights must have shape \(3,\)"):
+        node_influence(normalized, torch.ones(4))
 
 
 def test_cycle_raises_clear_error():

@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
 HF_SCHEME = "hf://"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 # What huggingface_hub raises when a repo, revision or file cannot be had (connection included).
-_HUB_ERRORS = (
+HUB_ERRORS = (
     HfHubHTTPError,
     EntryNotFoundError,
     HFValidationError,
@@ -122,8 +122,8 @@ def resolve_repo_path(ref: HfRef, *, allow_patterns: list[str] | None = None) ->
         else:
             patterns = [f"{path}/*"] if path else None
         root = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
-    except _HUB_ERRORS as e:
-        raise HubError(ref, _reason(e)) from e
+    except HUB_ERRORS as e:
+        raise HubError(ref, error_reason(e)) from e
     local = root / path if path else root
     if not local.exists():
         raise HubError(ref, f"{path!r} is not in the downloaded snapshot {root}")
@@ -139,9 +139,29 @@ def cached_commit(local_path: Path) -> str | None:
     return None
 
 
+def looks_local(reference: str | Path) -> bool:
+    """Whether a model or transcoder reference names a local path rather than the hub.
+
+    The one rule for both: a `Path`, a string starting with `.`, `/` or `~`, one with more than one
+    `/` (hub repo ids are `name` or `org/name`), or an existing folder is local; `hf://` URIs and
+    everything else are hub references.
+    """
+    if isinstance(reference, Path):
+        return True
+    if is_hf_uri(reference):
+        return False
+    return (
+        reference.startswith((".", "/", "~"))
+        or reference.count("/") > 1
+        or Path(reference).expanduser().is_dir()
+    )
+
+
 def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path | str:
     """A model as transformers takes it: an existing local folder, else a hub repo id."""
     path = Path(name_or_path).expanduser()
+    if looks_local(name_or_path) and not path.is_dir():
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
     if path.is_dir():
         if revision is not None:
             raise ValueError(
@@ -176,7 +196,7 @@ def _join_in_repo(base: str, relative: str) -> str:
     return joined
 
 
-def _reason(error: Exception) -> str:
+def error_reason(error: Exception) -> str:
     # Order matters: LocalEntryNotFoundError is an EntryNotFoundError, GatedRepoError a
     # RepositoryNotFoundError.
     if isinstance(error, GatedRepoError):

@@ -22,8 +22,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, RepoFile, snapshot_download
 
 from tracer.atomic import write_json
-from tracer.hub import _HUB_ERRORS, HfRef, cached_commit, is_hf_uri, parse_hf_uri, resolve_model
-from tracer.hub import _reason as hub_error_reason
+from tracer.hub import HUB_ERRORS, HfRef, cached_commit, is_hf_uri, parse_hf_uri, resolve_model
+from tracer.hub import error_reason as hub_error_reason
 
 # What a model needs to load with transformers: config, weights and tokenizer files, nothing else.
 MODEL_PATTERNS = [
@@ -168,7 +168,7 @@ def _download(ref: HfRef, patterns: list[str] | None, cache_dir: Path | None) ->
             ref.repo_id, revision=ref.revision, allow_patterns=patterns, cache_dir=cache_dir
         )
     # A persistently truncated download ends in a bare transport error after retries.
-    except (*_HUB_ERRORS, OSError) as e:
+    except (*HUB_ERRORS, OSError) as e:
         raise _error(ref, hub_error_reason(e)) from e
     root = Path(root)
     if cached_commit(root) is None:
@@ -224,7 +224,7 @@ def _expected_checksums(ref: HfRef, root: Path) -> dict[str, tuple[str, str]]:
             for entry in tree
             if isinstance(entry, RepoFile)
         }
-    except (*_HUB_ERRORS, OSError) as e:
+    except (*HUB_ERRORS, OSError) as e:
         raise _error(pinned, f"cannot list checksums: {hub_error_reason(e)}") from e
     write_json(record, expected)
     return expected

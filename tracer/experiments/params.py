@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tracer.hub import looks_local
+from tracer.interventions.modes import MODES
 from tracer.zoo.config import ZooParams
 
 
@@ -63,13 +65,14 @@ class ValidationParams(_Strict):
     """Graph validation: ablate the top-N feature nodes and compare with the graph's predictions."""
 
     top_n: int = Field(10, ge=1, description="feature nodes ablated per graph, by influence")
-    modes: list[Literal["direct", "frozen_attention", "full"]] = Field(
-        default_factory=lambda: ["direct", "frozen_attention", "full"], min_length=1
-    )
+    modes: list[str] = Field(default_factory=lambda: list(MODES), min_length=1)
     batch_size: int = Field(32, ge=2, description="intervention rows per forward (one baseline)")
 
     @model_validator(mode="after")
-    def _distinct_modes(self) -> ValidationParams:
+    def _known_distinct_modes(self) -> ValidationParams:
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"modes must be among {', '.join(MODES)}, got {unknown}")
         if len(set(self.modes)) != len(self.modes):
             raise ValueError(f"modes must be distinct, got {self.modes}")
         return self
@@ -104,16 +107,12 @@ class Params(_Strict):
             if profile.enabled:
                 for key in ("model", "transcoders"):
                     value = getattr(profile, key)
-                    if _looks_local(value) and not Path(value).exists():
+                    if looks_local(value) and not Path(value).expanduser().exists():
                         raise ValueError(
                             f"profiles.{name}.{key}: local path {value!r} does not exist "
                             "(give an existing folder, a hub id or an hf:// URI)"
                         )
         return self
-
-
-def _looks_local(value: str) -> bool:
-    return value.startswith(("./", "/", "~", "../", "zoo/", "outputs/"))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

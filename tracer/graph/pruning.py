@@ -6,7 +6,7 @@ the graph is a DAG. `w` (N,) holds the logit probabilities on the logit nodes an
 
 Definitions (what every function here computes):
 
-- Normalised graph: `B = normalize_rows(A)` is |A| with each row divided by its sum; all-zero rows
+- Normalised graph: `B` is |A| with each row divided by its sum; all-zero rows
   (source nodes: tokens, errors, features with no inputs) stay zero.
 - Influence: `inf = w @ (B + B^2 + ...)`, the total weight of all paths from a node to the logits
   (a path weighs the product of its normalised edges times the logit's weight). Logits get 0.
@@ -110,22 +110,6 @@ class GraphScores:
 
     replacement: float
     completeness: float
-
-
-def normalize_rows(adjacency: Tensor) -> Tensor:
-    """|A| with each row divided by its sum; all-zero rows stay zero. (N, N) -> new (N, N)."""
-    _check_square(adjacency, "adjacency")
-    return adjacency.abs().div_(RowBlocks(adjacency).divisors()[:, None])
-
-
-def propagate_influence(normalized: Tensor, weights: Tensor) -> Tensor:
-    """Influence `weights @ (B + B^2 + ...)` of every node. B (N, N), weights (N,) -> (N,).
-
-    On a DAG the terms vanish exactly after at most N steps; a term still non-zero after N + 1
-    steps means a cycle reachable from the weighted nodes, and raises ValueError.
-    """
-    _check_vector(weights, _check_square(normalized, "normalized"), "weights")
-    return _power_series(lambda vector: vector @ normalized, weights.to(normalized))
 
 
 def node_influence(adjacency: Tensor, logit_weights: Tensor) -> Tensor:
@@ -252,15 +236,21 @@ def graph_scores(
 
 def _influence(graph: RowBlocks, divisors: Tensor, weights: Tensor) -> Tensor:
     """Influence on the blocks' graph normalised by `divisors` (N,): `weights @ (B + B^2 + ...)`."""
-    return _power_series(lambda vector: graph.vecmat(vector / divisors), weights)
+
+    def step(vector: Tensor) -> Tensor:
+        return graph.vecmat(vector / divisors)
+
+    return influence_series(step, step(weights), weights.shape[0] + 1)
 
 
-def _power_series(step: Callable[[Tensor], Tensor], weights: Tensor) -> Tensor:
-    """`weights @ (M + M^2 + ...)` where `step(v) = v @ M`; raises on a cycle or inf/nan."""
-    n = weights.shape[0]
-    term = step(weights)  # (N,): weight of paths of length 1
-    total = torch.zeros_like(term)
-    for _ in range(n + 1):
+def influence_series(step: Callable[[Tensor], Tensor], first: Tensor, max_terms: int) -> Tensor:
+    """`first + step(first) + step(step(first)) + ...`: the one influence power series.
+
+    `step(v) = v @ M` for a normalised graph M; on a DAG the terms vanish exactly after at most
+    `max_terms`; a term still non-zero then means a cycle (ValueError), as does inf or nan.
+    """
+    term, total = first, torch.zeros_like(first)
+    for _ in range(max_terms):
         if not bool(term.any()):
             return total
         if not bool(torch.isfinite(term).all()):
@@ -268,7 +258,7 @@ def _power_series(step: Callable[[Tensor], Tensor], weights: Tensor) -> Tensor:
         total += term
         term = step(term)
     raise ValueError(
-        f"influence did not vanish after {n + 1} steps: the graph has a cycle reachable from "
+        f"influence did not vanish after {max_terms} steps: the graph has a cycle reachable from "
         "the weighted nodes (the adjacency must be a DAG)"
     )
 

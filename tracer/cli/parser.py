@@ -1,0 +1,178 @@
+"""The `tracer` command line's arguments. Importing this loads no torch: `tracer --help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tracer.interventions.modes import MODES
+from tracer.zoo.config import KINDS
+
+DTYPES = ("float32", "bfloat16", "float64")
+ADJACENCY_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def fraction(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text!r}") from None
+        if not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {value}")
+        return value
+
+    return parse
+
+
+def positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+def _parent() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False)
+
+
+def _model_options(prompt_required: bool = True) -> argparse.ArgumentParser:
+    """--model, --transcoders, --prompt: what a replacement model and a prompt need."""
+    parent = _parent()
+    parent.add_argument("--model", required=True, help="model folder or hub id")
+    parent.add_argument("--transcoders", required=True, help="transcoder folder or hf:// URI")
+    if prompt_required:
+        parent.add_argument("--prompt", required=True)
+    else:
+        parent.add_argument("--prompt", help="the graph's prompt (default: its input_string)")
+    return parent
+
+
+def _thresholds() -> argparse.ArgumentParser:
+    parent = _parent()
+    parent.add_argument("--node-threshold", type=fraction("--node-threshold"), default=0.8)
+    parent.add_argument("--edge-threshold", type=fraction("--edge-threshold"), default=0.98)
+    return parent
+
+
+def _graph_size() -> argparse.ArgumentParser:
+    """Options that decide a graph's size, shared by `attribute` and `estimate`."""
+    parent = _parent()
+    parent.add_argument("--max-feature-nodes", type=positive("--max-feature-nodes"))
+    parent.add_argument("--batch-size", type=positive("--batch-size"), default=256)
+    parent.add_argument("--max-n-logits", type=positive("--max-n-logits"), default=10)
+    parent.add_argument(
+        "--adjacency-dtype",
+        choices=ADJACENCY_DTYPES,
+        default="float32",
+        help="storage of the graph's adjacency (half precision halves memory and file)",
+    )
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tracer",
+        description="Attribution graphs over transcoders: attribute, estimate, prune, score, "
+        "intervene, validate.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    model, thresholds, size = _model_options(), _thresholds(), _graph_size()
+
+    att = sub.add_parser("attribute", parents=[model, size], help="compute an attribution graph")
+    att.add_argument("--out", required=True, type=Path, help="graph file (.safetensors)")
+    att.add_argument("--desired-logit-prob", type=fraction("--desired-logit-prob"), default=0.95)
+    att.add_argument("--target", action="append", help="custom logit target token (repeatable)")
+    att.add_argument("--dtype", choices=DTYPES, default="float32")
+    att.add_argument("--revision", help="model revision (hub)")
+    att.add_argument("--offload", action="store_true", help="drop transcoder weights when done")
+    att.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    est = sub.add_parser(
+        "estimate",
+        parents=[model, size],
+        help="predict graph size, memory and file size before attributing",
+    )
+    est.add_argument(
+        "--sample-tokens",
+        type=positive("--sample-tokens"),
+        help="count active features on the first N tokens only (default: the whole prompt)",
+    )
+    est.add_argument(
+        "--no-weights",
+        action="store_true",
+        help="load no weights: active features from a bound (the default for TopK sets, where "
+        "the bound is exact up to zero activations)",
+    )
+    est.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    prune = sub.add_parser(
+        "prune", parents=[thresholds], help="prune a graph and write the viewer JSON"
+    )
+    prune.add_argument("graph", type=Path)
+    prune.add_argument("--json", type=Path, required=True, help="output viewer JSON")
+    prune.add_argument("--tokenizer", help="model folder whose tokenizer labels the tokens")
+
+    score = sub.add_parser(
+        "score", parents=[thresholds], help="print replacement/completeness scores as JSON"
+    )
+    score.add_argument("graph", type=Path)
+
+    fixture = sub.add_parser("fixture", help="write a small random model + transcoder set")
+    fixture.add_argument("--family", default="gpt2", choices=["gpt2", "llama", "gemma2", "qwen3"])
+    fixture.add_argument("--kind", default="clt", choices=KINDS)
+    fixture.add_argument(
+        "--out", type=Path, required=True, help="folder for model/ and transcoders/"
+    )
+
+    inter = sub.add_parser(
+        "intervene",
+        parents=[model],
+        help="set or scale features and print the top tokens before/after",
+    )
+    inter.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="L:POS:FEAT=VALUE",
+        help="set a feature's activation (POS * = every position, generated ones too); repeatable",
+    )
+    inter.add_argument(
+        "--scale",
+        action="append",
+        default=[],
+        metavar="L:POS:FEAT=FACTOR",
+        help="multiply a feature's activation (0 ablates, -2 flips and doubles); repeatable",
+    )
+    inter.add_argument("--mode", choices=MODES, default="full")
+    inter.add_argument(
+        "--generate", type=positive("--generate"), metavar="N", help="also generate N tokens"
+    )
+    inter.add_argument("--top-k", type=positive("--top-k"), default=5)
+    inter.add_argument("--dtype", choices=DTYPES, default="float32")
+
+    val = sub.add_parser(
+        "validate",
+        parents=[_model_options(prompt_required=False), thresholds],
+        help="ablate a graph's top feature nodes and compare with its predictions",
+    )
+    val.add_argument("graph", type=Path)
+    val.add_argument("--top-n", type=positive("--top-n"), default=20)
+    val.add_argument(
+        "--no-prune", action="store_true", help="pick nodes of the full graph, not the pruned one"
+    )
+    val.add_argument(
+        "--mode", action="append", choices=MODES, help="intervention mode (repeatable; default all)"
+    )
+    val.add_argument("--batch-size", type=positive("--batch-size"), default=32)
+    val.add_argument("--dtype", choices=DTYPES, help="model dtype (default: the graph's)")
+    val.add_argument(
+        "--out-dir", type=Path, help="where validation.csv/.json go (default: the graph's folder)"
+    )
+    return parser
