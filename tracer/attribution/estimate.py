@@ -272,7 +272,7 @@ def estimate_prompt(
     *,
     max_feature_nodes: int | None = None,
     batch_size: int = 256,
-    n_logits: int = 10,
+    max_n_logits: int = 10,
     sample_tokens: int | None = None,
     use_weights: bool | None = None,
     dtype: str = "float32",
@@ -307,7 +307,7 @@ def estimate_prompt(
         active_from=found,
         max_feature_nodes=max_feature_nodes,
         batch_size=batch_size,
-        n_logits=n_logits,
+        n_logits=max_n_logits,
         adjacency_dtype=adjacency_dtype,
     )
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from tracer.atomic import write_json
+from tracer.cli.parser import graph_size
 
 
 def attribute(args: argparse.Namespace) -> None:
@@ -20,14 +21,11 @@ def attribute(args: argparse.Namespace) -> None:
     graph = attribute(
         args.prompt,
         model,
-        max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob,
         targets=args.target,
-        batch_size=args.batch_size,
-        max_feature_nodes=args.max_feature_nodes,
         offload=args.offload,
         progress=not args.quiet,
-        adjacency_dtype=args.adjacency_dtype,
+        **graph_size(args),
     )
     storage = describe(graph.save(args.out))
     summary = {
@@ -125,11 +123,8 @@ def estimate(args: argparse.Namespace) -> None:
         args.model,
         args.transcoders,
         args.prompt,
-        max_feature_nodes=args.max_feature_nodes,
-        batch_size=args.batch_size,
-        n_logits=args.max_n_logits,
         sample_tokens=args.sample_tokens,
         use_weights=False if args.no_weights else None,
-        adjacency_dtype=args.adjacency_dtype,
+        **graph_size(args),
     )
     print(json.dumps(found.to_dict(), indent=2) if args.json else human(found))

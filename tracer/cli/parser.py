@@ -76,6 +76,12 @@ def _graph_size() -> argparse.ArgumentParser:
     return parent
 
 
+def graph_size(args: argparse.Namespace) -> dict:
+    """The `_graph_size` options as keyword arguments of `attribute` and `estimate_prompt`."""
+    names = ("max_feature_nodes", "batch_size", "max_n_logits", "adjacency_dtype")
+    return {name: getattr(args, name) for name in names}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tracer",
