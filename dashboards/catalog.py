@@ -187,7 +187,7 @@ def read_validation(root: Path, profile: str, prompt: str) -> dict:
 
 
 def read_run(root: Path, profile: str, prompt: str) -> dict | None:
-    """Seconds per phase and peak memory of the prompt's attribution, when recorded."""
+    """Seconds per phase and attribution peak memory growth of the prompt, when recorded."""
     path = paths.runs_path(root, profile)
     if not path.is_file():
         return None

@@ -131,7 +131,7 @@ def graph_chart(
     )
     layers = [link_layer, node_layer]
     logit_labels = nodes[nodes["kind"] == "logit"].assign(
-        text=lambda d: d["clerp"].str.removeprefix("output ")
+        text=lambda d: d["clerp"].str.removeprefix("Output ")
     )
     layers.append(
         alt.Chart(logit_labels)

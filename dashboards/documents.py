@@ -70,13 +70,19 @@ def prompt_tokens(document: dict) -> list[str]:
     return [str(i) for i in range(n_pos)]
 
 
+def feature_index(node: dict) -> int:
+    """A feature node's index in its layer's transcoder, from its id `{layer}_{feature}_{pos}`
+    (the node's `feature` field is the viewer's Cantor pairing of layer and index)."""
+    return int(node["node_id"].split("_")[1])
+
+
 def describe_node(node: dict, tokens: list[str]) -> str:
     """One line naming a node: what it is, where (layer, position and its token)."""
     pos = int(node["ctx_idx"])
     where = f"pos {pos} {tokens[pos]!r}" if pos < len(tokens) else f"pos {pos}"
     kind = node_kind(node)
     if kind == "feature":
-        return f"feature L{node['layer']} #{node['feature']} @ {where}"
+        return f"feature L{node['layer']} #{feature_index(node)} @ {where}"
     if kind == "error":
         return f"error L{node['layer']} @ {where}"
     if kind == "token":

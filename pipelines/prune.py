@@ -22,6 +22,7 @@ from tracer.experiments.params import load_params
 from tracer.experiments.report import prompt_report
 from tracer.graph.graph import Graph
 from tracer.graph.summary import prune_graph
+from tracer.memory import return_freed_memory
 
 ROOT = Path("outputs")
 METRICS = ROOT / "metrics"  # one small file per profile for `dvc metrics show`
@@ -90,6 +91,7 @@ def prune_prompt(graph: Graph, tokenizer, params, profile: str, prompt: str, fol
 
 
 def main(name: str) -> None:
+    return_freed_memory()  # process-wide allocator setting: freed buffers go back to the OS
     params = load_params()
     if name not in params.profiles:
         raise SystemExit(f"unknown profile {name!r}; params.yaml defines {sorted(params.profiles)}")

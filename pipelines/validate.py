@@ -19,12 +19,14 @@ from tracer.experiments import outputs
 from tracer.experiments.params import load_params
 from tracer.graph.graph import Graph
 from tracer.interventions.validation import json_safe, validate_graph
+from tracer.memory import return_freed_memory
 
 ROOT = Path("outputs")
 METRICS = ROOT / "metrics" / "validation"
 
 
 def main(name: str) -> None:
+    return_freed_memory()  # process-wide allocator setting: freed buffers go back to the OS
     params = load_params()
     if name not in params.profiles:
         raise SystemExit(f"unknown profile {name!r}; params.yaml defines {sorted(params.profiles)}")

@@ -120,11 +120,16 @@ def test_adjacency_equals_direct_effect_float32(family, kind):
     assert_columns_match_interventions(rm, graph, sample_columns(graph), TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("kind", ["plt-jumprelu", "plt-skip", "clt"])
+@pytest.mark.parametrize("read_hook", ["hook_resid_mid", "ln2.hook_normalized"])
 @pytest.mark.parametrize("family", FIXTURE_FAMILIES)
-def test_resid_mid_read_point(family):
-    """Sets that read the un-normalised residual stream (hook_resid_mid) are exact too."""
-    rm = make(family, "plt-jumprelu", torch.float64, read_hook="hook_resid_mid")
+def test_other_read_points(family, read_hook, kind):
+    """Sets that read the un-normalised residual stream (hook_resid_mid) or the pre-MLP norm's
+    input normalised before its weight (ln2.hook_normalized: linear in resid_mid through this
+    prompt's frozen norm scale) are exact too; a skip term reads there as well."""
+    rm = make(family, kind, torch.float64, read_hook=read_hook)
     graph = attribute(PROMPT, rm, batch_size=64, progress=False)
+    assert graph.layout.n_features > 40
     assert_columns_match_interventions(rm, graph, sample_columns(graph), TOLERANCE[torch.float64])
 
 

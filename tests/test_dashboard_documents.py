@@ -52,9 +52,13 @@ def expected_node_keys(graph: Graph, node_mask) -> Counter:
 
 
 def document_node_keys(document: dict) -> Counter:
-    return Counter(
-        (documents.node_kind(n), n["layer"], n["ctx_idx"], n["feature"]) for n in document["nodes"]
-    )
+    """(kind, layer, position, feature index / position / token id) of every node."""
+    keys = Counter()
+    for n in document["nodes"]:
+        kind = documents.node_kind(n)
+        which = {"feature": documents.feature_index(n), "error": None}.get(kind, n["feature"])
+        keys[(kind, n["layer"], n["ctx_idx"], which)] += 1
+    return keys
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -119,9 +123,10 @@ def test_node_table_and_descriptions(root: Path):
         if row["kind"] in ("feature", "error", "token"):
             assert repr(tokens[row["ctx_idx"]]) in row["description"]
         if row["kind"] == "feature":
-            assert f"L{row['layer']} #{row['feature']}" in row["description"]
+            index = row["node_id"].split("_")[1]  # ids are {layer}_{feature}_{pos}
+            assert f"L{row['layer']} #{index} @" in row["description"]
     logits = [r for r in rows if r["kind"] == "logit"]
-    assert logits and all(r["description"].startswith("output ") for r in logits)
+    assert logits and all(r["description"].startswith('Output "') for r in logits)
     features = [r["influence"] for r in rows if r["kind"] != "logit"]
     assert features == sorted(features, reverse=True)
 

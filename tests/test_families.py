@@ -15,9 +15,12 @@ from tracer.model.families import (
     READ_HOOKS,
     WRITE_HOOKS,
     Family,
+    HookPoint,
     family_for,
     get_module,
     hook_point,
+    norm_eps,
+    normalize,
 )
 from tracer.testing import FIXTURE_FAMILIES, build_model
 
@@ -76,6 +79,7 @@ def traced(request):
     layers = get_module(base, fam.layers)
     cap = Capture()
     cap.watch("embed_out", get_module(base, fam.embed_out))
+    cap.watch("embed_tokens", get_module(base, fam.embed_tokens))
     cap.watch("final_norm", get_module(base, fam.final_norm))
     for i, layer in enumerate(layers):
         cap.watch(f"{i}.layer", layer)
@@ -123,6 +127,25 @@ def test_embed_out_output_enters_layer_zero(traced):
     fam, _, cap, out = traced
     assert torch.equal(cap.outputs["embed_out"], cap.inputs["0.layer"])
     assert torch.equal(cap.outputs["embed_out"], out.hidden_states[0])
+
+
+def test_embed_tokens_output_is_the_token_embedding_alone(traced):
+    """Token nodes write `embed_tokens`' output: the embedding row of each token (Gemma-2: times
+    sqrt(d_model), the scale its residual stream receives); what else enters layer 0 is GPT-2's
+    learned position embedding, and nothing for the others."""
+    fam, model, cap, _ = traced
+    rows = model.get_input_embeddings().weight[IDS]  # (1, n_pos, d_model)
+    rtol = 0.0
+    if fam.name == "gemma2":  # its scale is a float32 buffer: sqrt(d_model) to float32 precision
+        rows, rtol = rows * model.config.hidden_size**0.5, 1e-7
+    torch.testing.assert_close(cap.outputs["embed_tokens"], rows, rtol=rtol, atol=ATOL)
+    rest = cap.outputs["embed_out"] - cap.outputs["embed_tokens"]
+    if fam.name == "gpt2":
+        positions = model.transformer.wpe.weight[: IDS.shape[1]]
+        torch.testing.assert_close(rest[0], positions, rtol=0, atol=ATOL)
+        assert positions.abs().max() > 1e-3  # a real difference between the two points
+    else:
+        assert torch.equal(rest, torch.zeros_like(rest))
 
 
 def test_final_norm_output_is_last_hidden_state(traced):
@@ -177,13 +200,59 @@ def test_norm_style_matches_every_residual_and_final_norm(traced):
 @pytest.mark.parametrize("name", FIXTURE_FAMILIES)
 @pytest.mark.parametrize("prefix", ["", "blocks.3."])
 def test_hook_point_maps_transformer_lens_names(name: str, prefix: str):
+    """TransformerLens's meaning (DESIGN.md section 4): resid_mid is the pre-MLP norm's input,
+    ln2.hook_normalized that input normalised before the norm's weight, mlp.hook_in the norm's
+    output (the MLP input)."""
     fam = family(name)
-    _, mlp_read, mlp_write = EXPECTED_POINTS[name]
-    assert hook_point(fam, prefix + "hook_resid_mid", write=False) == (mlp_read, "input")
-    for hook in ("ln2.hook_normalized", "mlp.hook_in"):
-        assert hook_point(fam, prefix + hook, write=False) == ("mlp", "input")
+    _, pre_mlp_norm, mlp_write = EXPECTED_POINTS[name]
+    read = dict(write=False)
+    assert hook_point(fam, prefix + "hook_resid_mid", **read) == HookPoint(pre_mlp_norm, "input")
+    assert hook_point(fam, prefix + "ln2.hook_normalized", **read) == HookPoint(
+        pre_mlp_norm, "input", normalized=True
+    )
+    assert hook_point(fam, prefix + "mlp.hook_in", **read) == HookPoint("mlp", "input")
     for hook in ("hook_mlp_out", "mlp.hook_out"):
-        assert hook_point(fam, prefix + hook, write=True) == (mlp_write, "output")
+        assert hook_point(fam, prefix + hook, write=True) == HookPoint(mlp_write, "output")
+
+
+def hand_normalized(style: str, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """TransformerLens's hook_normalized, written out: x / scale before the weight."""
+    if style == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_normalize_is_the_pre_mlp_norm_before_its_weight(traced):
+    """`normalize` of resid_mid is the pre-MLP norm's input divided by its scale, and the real
+    norm's output is that times its weight (plus LayerNorm's bias; Gemma's weight is 1 + w)."""
+    fam, model, cap, _ = traced
+    layers = get_module(get_module(model, fam.base), fam.layers)
+    atol = 1e-12 if fam.norm_style == "layernorm" else 1e-5  # transformers' RMSNorm: float32
+    for i, layer in enumerate(layers):
+        norm = get_module(layer, fam.pre_mlp_norm)
+        x = cap.inputs[f"{i}.{fam.pre_mlp_norm}"]
+        expected = hand_normalized(fam.norm_style, x, norm_eps(norm))
+        got, scale = normalize(x, fam.norm_style, norm_eps(norm))
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        assert scale.shape == (*x.shape[:-1], 1)
+        weight = 1 + norm.weight if fam.norm_style == "rms_one_plus" else norm.weight
+        bias = norm.bias if fam.norm_style == "layernorm" else 0
+        out = cap.outputs[f"{i}.{fam.pre_mlp_norm}"]
+        torch.testing.assert_close(out, expected * weight + bias, rtol=0, atol=atol)
+        assert (out - expected).abs().max() > 0.05  # the weight is not the identity
+
+
+def test_normalize_uses_a_given_scale_on_the_first_positions():
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    live, scale = normalize(x, "layernorm", 1e-5)
+    frozen = torch.full((3, 1), 2.0, dtype=torch.float64)
+    got, used = normalize(x, "layernorm", 1e-5, frozen)
+    centred = x - x.mean(-1, keepdim=True)
+    torch.testing.assert_close(got[:, :3], 2.0 * centred[:, :3], rtol=0, atol=1e-15)
+    torch.testing.assert_close(got[:, 3:], live[:, 3:], rtol=0, atol=0)
+    assert torch.equal(used[:, 3:], scale[:, 3:])
+    with pytest.raises(ValueError, match="6 positions for an input of 5"):
+        normalize(x, "rms", 1e-5, torch.ones(6, 1, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(

@@ -11,14 +11,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
+import threading
+import weakref
 from collections.abc import Iterator
 
 import pytest
 import torch
 from test_families import reference_norm
 
+from tracer.attribution.attribute import attribute
+from tracer.interventions.intervene import direct_effect_run
 from tracer.model.families import get_module
-from tracer.model.freezing import MODES, Freezer
+from tracer.model.freezing import MODES, Freezer, Recording
 from tracer.model.replacement import ReplacementModel
 from tracer.testing import FIXTURE_FAMILIES, build_model, build_transcoders
 
@@ -65,13 +70,9 @@ def reference_model(rm: ReplacementModel, *, eager: bool) -> torch.nn.Module:
     return model.eval()
 
 
-@contextlib.contextmanager
-def frozen(rm: ReplacementModel, mode: str) -> Iterator[None]:
-    rm.freezer.set_mode(mode)
-    try:
-        yield
-    finally:
-        rm.freezer.set_mode("off")
+def frozen(rm: ReplacementModel, mode: str, recording: Recording | None = None):
+    """Plain (untraced) calls of the model inside this block freeze per `mode`."""
+    return rm.freezer.frozen(mode, recording=recording)
 
 
 @contextlib.contextmanager
@@ -100,7 +101,7 @@ def test_off_mode_leaves_logits_unchanged(setup: Setup):
 
 
 def test_record_mode_keeps_the_models_values(setup: Setup):
-    with frozen(setup.rm, "record"), torch.no_grad():
+    with frozen(setup.rm, "record", Recording()), torch.no_grad():
         logits = setup.model(IDS).logits
     reference = reference_model(setup.rm, eager=False)
     with torch.no_grad():
@@ -111,9 +112,10 @@ def test_record_mode_keeps_the_models_values(setup: Setup):
 
 
 def test_recorded_patterns_are_the_models_eager_attention_weights(setup: Setup):
-    with frozen(setup.rm, "record"), torch.no_grad():
+    recording = Recording()
+    with frozen(setup.rm, "record", recording), torch.no_grad():
         setup.model(IDS)
-    patterns = [state.pattern for state in setup.rm.freezer._attention]
+    patterns = [recording.patterns[layer] for layer in range(setup.rm.n_layers)]
 
     reference = reference_model(setup.rm, eager=True)
     weights: list[torch.Tensor] = []
@@ -141,10 +143,11 @@ def test_recorded_patterns_are_the_models_eager_attention_weights(setup: Setup):
 def test_causal_mask_holds_in_every_mode(setup: Setup, mode: str):
     changed = IDS.clone()
     changed[0, -1] = 40
+    recording = Recording()
     with torch.no_grad():
-        with frozen(setup.rm, "record"):
+        with frozen(setup.rm, "record", recording):
             setup.base(IDS)  # what replay replays
-        with frozen(setup.rm, mode):
+        with frozen(setup.rm, mode, recording if mode == "replay" else Recording()):
             clean = setup.base(IDS).last_hidden_state
             other = setup.base(changed).last_hidden_state
     torch.testing.assert_close(other[:, :-1], clean[:, :-1], rtol=0, atol=1e-12)
@@ -152,10 +155,11 @@ def test_causal_mask_holds_in_every_mode(setup: Setup, mode: str):
 
 
 def test_replay_of_the_recorded_prompt_reproduces_it(setup: Setup):
+    recording = Recording()
     with torch.no_grad():
-        with frozen(setup.rm, "record"):
+        with frozen(setup.rm, "record", recording):
             recorded = setup.base(IDS).last_hidden_state
-        with frozen(setup.rm, "replay"):
+        with frozen(setup.rm, "replay", recording):
             replayed = setup.base(IDS).last_hidden_state
             other = setup.base(OTHER_IDS).last_hidden_state
         with frozen(setup.rm, "off"):
@@ -166,21 +170,27 @@ def test_replay_of_the_recorded_prompt_reproduces_it(setup: Setup):
 
 
 def test_replay_of_a_shorter_input_is_refused(setup: Setup):
+    recording = Recording()
     with torch.no_grad():
-        with frozen(setup.rm, "record"):
+        with frozen(setup.rm, "record", recording):
             setup.base(IDS)
-        with frozen(setup.rm, "replay"), pytest.raises(RuntimeError, match="recorded 10 .* has 9"):
+        with (
+            frozen(setup.rm, "replay", recording),
+            pytest.raises(RuntimeError, match="recorded 10 .* has 9"),
+        ):
             setup.base(IDS[:, :-1])
 
 
 def test_replay_of_a_longer_input_runs_new_positions_live(setup: Setup):
     """Generation: the recorded prompt as prefix, one more token; its position is not frozen."""
     longer = torch.cat([IDS, torch.tensor([[7]])], dim=1)
+    recording = Recording()
     with torch.no_grad():
-        with frozen(setup.rm, "record"):
+        with frozen(setup.rm, "record", Recording()):
             expected = setup.base(longer).last_hidden_state  # live everywhere, float64 norms
+        with frozen(setup.rm, "record", recording):
             setup.base(IDS)  # what replay replays
-        with frozen(setup.rm, "replay"):
+        with frozen(setup.rm, "replay", recording):
             replayed = setup.base(longer).last_hidden_state
     torch.testing.assert_close(replayed, expected, rtol=0, atol=1e-10)
 
@@ -221,7 +231,8 @@ def test_detach_gradient_equals_finite_difference_of_replay(setup: Setup):
             for layer in rm.layers
         ),
     ]
-    with torch.no_grad(), frozen(rm, "record"):
+    recording = Recording()
+    with torch.no_grad(), frozen(rm, "record", recording):
         rm.base(IDS)
     for handle in handles:
         handle.remove()
@@ -230,7 +241,7 @@ def test_detach_gradient_equals_finite_difference_of_replay(setup: Setup):
 
     def gradient(mode: str) -> torch.Tensor:
         e = e0.clone().requires_grad_(True)
-        with frozen(rm, mode), hooked(rm, e, writes):
+        with frozen(rm, mode), hooked(rm, e, writes):  # detach / off: nothing recorded
             hidden = rm.base(IDS).last_hidden_state
         return torch.autograd.grad((hidden * r).sum(), e)[0]
 
@@ -240,7 +251,7 @@ def test_detach_gradient_equals_finite_difference_of_replay(setup: Setup):
     points = torch.cat([e0 + h * directions, e0 - h * directions])
     with (
         torch.no_grad(),
-        frozen(rm, "replay"),
+        frozen(rm, "replay", recording),
         hooked(rm, points, [w.expand(2 * k, -1, -1) for w in writes]),
     ):
         values = (rm.base(batch_ids).last_hidden_state * r).sum((1, 2))
@@ -254,22 +265,117 @@ def test_detach_gradient_equals_finite_difference_of_replay(setup: Setup):
     assert (unfrozen - finite_difference).abs().max() > 1e-3 * finite_difference.abs().max()
 
 
-def test_set_mode_rejects_unknown_modes(setup: Setup):
+def test_frozen_rejects_unknown_modes_and_a_missing_recording(setup: Setup):
     for kwargs in ({"attention": "frozen"}, {"attention": "off", "norms": "freeze"}):
-        with pytest.raises(ValueError) as info:
-            setup.rm.freezer.set_mode(**kwargs)
+        with pytest.raises(ValueError) as info, setup.rm.freezer.frozen(**kwargs):
+            pass
         for mode in ("off", "detach", "record", "replay"):
             assert mode in str(info.value)
-    setup.rm.freezer.set_mode("off")
+    for kwargs in ({"attention": "record"}, {"attention": "replay", "norms": "off"}):
+        with pytest.raises(ValueError, match="need a Recording"), setup.rm.freezer.frozen(**kwargs):
+            pass
 
 
-def test_installing_again_shares_the_freezing_of_the_model(setup: Setup):
-    assert Freezer.install(setup.model, setup.rm.family) is setup.rm.freezer
+def test_replay_without_a_recorded_layer_is_refused(setup: Setup):
+    with (
+        torch.no_grad(),
+        frozen(setup.rm, "replay", Recording()),
+        pytest.raises(RuntimeError, match="replay needs a recording"),
+    ):
+        setup.base(IDS)
+
+
+def test_several_replacement_models_share_the_wrapping_of_the_model(setup: Setup):
     other = ReplacementModel(setup.model, build_transcoders("clt", n_layers=2, d_model=32))
     assert other.freezer is setup.rm.freezer
+    other.close()  # not the last user: the model stays wrapped for setup.rm
+    assert setup.model.config._attn_implementation.startswith("tracer_frozen_")
+    state = setup.rm.run_prompt(IDS[0], zero_bos=False)
+    assert len(state.recording.patterns) == setup.rm.n_layers
     with torch.no_grad():
         logits = setup.model(IDS).logits
     torch.testing.assert_close(logits, setup.logits_before, rtol=0, atol=1e-12)
+
+
+def test_run_prompt_records_every_layer_and_norm_into_its_state(setup: Setup):
+    """The forward runs in the calling thread's context (NNSight runs only the trace body in a
+    worker greenlet): every attention layer and frozen norm of the pass reaches the recording."""
+    rm = setup.rm
+    state = rm.run_prompt(IDS[0], zero_bos=False)
+    n, heads = IDS.shape[1], setup.model.config.num_attention_heads
+    assert sorted(state.recording.patterns) == list(range(rm.n_layers))
+    for pattern in state.recording.patterns.values():
+        assert pattern.shape == (1, heads, n, n)
+    n_norms = rm.n_layers * len(rm.family.residual_norms) + 1
+    assert len(state.recording.scales) == n_norms
+    assert rm.family.final_norm in state.recording.scales
+    for scale in state.recording.scales.values():
+        assert scale.shape == (1, n, 1)
+
+
+def test_a_state_replays_its_own_prompt_after_another_was_recorded(setup: Setup):
+    """Patterns and scales belong to the state that recorded them: recording another prompt of
+    the same length in between changes nothing of the first state's replays."""
+    rm = setup.rm
+    first = rm.run_prompt(IDS[0], zero_bos=False)
+    alone = rm.linear_forward(first, 1).final_hidden[0].detach()
+    alone_direct = direct_effect_run(rm, first, [[]]).final_hidden[0]
+    second = rm.run_prompt(OTHER_IDS[0], zero_bos=False)
+    assert (second.final_hidden - first.final_hidden).abs().max() > 1e-3
+    after = rm.linear_forward(first, 1).final_hidden[0].detach()
+    direct = direct_effect_run(rm, first, [[]]).final_hidden[0]
+    assert torch.equal(after, alone) and torch.equal(direct, alone_direct)
+    torch.testing.assert_close(after, first.final_hidden, rtol=0, atol=1e-10)
+    torch.testing.assert_close(direct, first.final_hidden, rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        rm.linear_forward(second, 1).final_hidden[0].detach(),
+        second.final_hidden,
+        rtol=0,
+        atol=1e-10,
+    )
+
+
+def test_freezing_is_set_for_the_calling_thread_only(setup: Setup):
+    """A plain call of the model in another thread runs unfrozen while this thread replays."""
+    recording = Recording()
+    with torch.no_grad():
+        with frozen(setup.rm, "record", recording):
+            setup.base(IDS)
+        plain = setup.base(OTHER_IDS).last_hidden_state
+        seen = {}
+        with frozen(setup.rm, "replay", recording):
+            replayed = setup.base(OTHER_IDS).last_hidden_state
+
+            def other_thread() -> None:
+                with torch.no_grad():
+                    seen["hidden"] = setup.base(OTHER_IDS).last_hidden_state
+
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join()
+    assert torch.equal(seen["hidden"], plain)
+    assert (replayed - plain).abs().max() > 1e-3
+
+
+def test_nothing_of_a_prompt_stays_alive_after_attribute(setup: Setup, monkeypatch):
+    """No pattern, norm scale or other tensor of the prompt's state is held by the model, its
+    freezer or NNSight once attribute() has returned."""
+    rm, alive = setup.rm, []
+    run_prompt = rm.run_prompt
+
+    def spy(*args, **kwargs):
+        state = run_prompt(*args, **kwargs)
+        held = [*state.recording.patterns.values(), *state.recording.scales.values()]
+        held += [state.embeddings, state.final_hidden, *state.reads, *state.mlp_outputs]
+        alive.extend(weakref.ref(t) for t in held)
+        return state
+
+    monkeypatch.setattr(rm, "run_prompt", spy)
+    graph = attribute(IDS[0].tolist(), rm, progress=False, batch_size=8)
+    gc.collect()
+    assert graph.adjacency_matrix.shape[0] > 0
+    assert len(alive) > 2 * rm.n_layers
+    assert [ref for ref in alive if ref() is not None] == []
 
 
 def test_model_frozen_elsewhere_is_refused(setup: Setup):

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from stage_imports import ImportGraph, covers, dvc_stages
 
 from tracer.experiments.tracking import ensure_store
 from tracer.graph.graph import Graph
@@ -116,6 +117,23 @@ def digests(root: Path, *folders: str) -> dict[str, str]:
 
 def changed_paths(clone: Path) -> list[str]:
     return sorted(line[3:] for line in run(clone, "git", "status", "--porcelain").splitlines())
+
+
+def uncached_files(clone: Path) -> set[str]:
+    """Every file of the pipeline stages' `cache: false` outputs (the zoo's are committed)."""
+    found = set()
+    for stage in dvc_stages(clone):
+        for out in stage.uncached:
+            path = clone / out
+            if not stage.name.startswith("zoo_"):
+                files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+                found |= {f.relative_to(clone).as_posix() for f in files}
+    return found
+
+
+def dvc_status(clone: Path) -> dict:
+    """`dvc status --json`: stage name -> what changed; {} when everything is up to date."""
+    return json.loads(run(clone, "dvc", "status", "--json").strip().splitlines()[-1])
 
 
 # ---- the MLflow store --------------------------------------------------------------------------
@@ -243,8 +261,14 @@ def test_repro_on_a_clean_clone_logs_every_result_once(built: Built) -> None:
     assert "Data and pipelines are up to date." in again
     assert (clone / "dvc.lock").read_bytes() == lock_before
     assert [len(runs) for runs in store_runs(sqlite_uri(clone))] == [1, len(nested)]
-    # DVC stages its lock file itself (core.autostage in .dvc/config); outputs are git-ignored.
-    assert run(clone, "git", "status", "--porcelain").splitlines() == ["M  dvc.lock"]
+    # DVC stages its lock file itself (core.autostage in .dvc/config). Outputs in DVC's cache are
+    # git-ignored; the `cache: false` ones (metrics, plots, compare tables) are for git to commit.
+    status = run(clone, "git", "status", "--porcelain", "--untracked-files=all").splitlines()
+    assert status[0] == "M  dvc.lock"
+    untracked = {line[3:] for line in status[1:] if line.startswith("?? ")}
+    assert len(untracked) == len(status) - 1
+    assert untracked == uncached_files(clone)
+    assert {f"outputs/metrics/{PROFILE}.json", "outputs/tracking.json"} <= untracked
 
 
 def test_metrics_and_plots_show_the_logged_numbers(built: Built) -> None:
@@ -327,8 +351,8 @@ def test_new_thresholds_reprune_without_attributing(built: Built, tmp_path: Path
 def test_attributing_again_gives_identical_files_and_logs_nothing(
     built: Built, tmp_path: Path
 ) -> None:
-    """What a fresh clone does (its DVC cache is empty, so the stages run again) changes nothing:
-    timings live outside the hashed outputs."""
+    """What a clone without the DVC cache does (the stages run again) changes nothing: timings
+    live outside the hashed outputs."""
     clone = copy_of(built, tmp_path)
     lock = (clone / "dvc.lock").read_bytes()
     before = digests(clone, "outputs/graphs", "outputs/profiles", "outputs/validation")
@@ -339,7 +363,39 @@ def test_attributing_again_gives_identical_files_and_logs_nothing(
     assert [len(r) for r in store_runs(sqlite_uri(clone))] == runs
     timings = json.loads((clone / "outputs" / "runs" / f"{PROFILE}.json").read_text())
     assert set(timings) == {p["id"] for p in read_params(clone)["prompts"]}
-    assert all(t["seconds"]["total"] > 0 and t["peak_memory_bytes"] > 0 for t in timings.values())
+    assert all(
+        t["seconds"]["total"] > 0 and t["attribution_peak_growth_bytes"] > 0
+        for t in timings.values()
+    )
+
+
+# ---- 2b. code changes ---------------------------------------------------------------------------
+EDITED = ("tracer/model/freezing.py", "tracer/graph/storage.py")
+
+
+def test_editing_engine_code_changes_the_stages_that_execute_it(
+    built: Built, tmp_path: Path
+) -> None:
+    """`dvc status` names every stage that executes an edited module (tests/stage_imports.py),
+    and, of the zoo stages, only those: the others must not retrain."""
+    clone = tmp_path / "repo"
+    shutil.copytree(built.clone, clone, symlinks=True)
+    stages = dvc_stages(clone)
+    graph = ImportGraph(clone)
+    for module in EDITED:
+        path = clone / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        try:
+            changed = set(dvc_status(clone))
+        finally:
+            path.write_text(original)
+        executing = {s.name for s in stages if module in graph.execute(s.cmd).files}
+        assert {"attribute", "validate"} <= {name.split("@")[0] for name in executing}
+        assert executing <= changed, module
+        assert changed == {s.name for s in stages if any(covers(d, module) for d in s.deps)}
+        zoo = {name for name in changed if name.startswith("zoo_")}
+        assert zoo == {name for name in executing if name.startswith("zoo_")}, module
 
 
 # ---- 3. invalid params -------------------------------------------------------------------------
@@ -503,3 +559,29 @@ def test_queued_experiments_in_parallel_log_every_run(built: Built, tmp_path: Pa
         )
         pruned = graph.prune(threshold, float(logged.data.params["edge_threshold"]))
         assert logged.data.metrics["pruned_nodes"] == int(pruned.node_mask.sum())
+
+
+# ---- 5. sharing through git and a DVC remote ---------------------------------------------------
+def test_a_clone_pulled_from_a_remote_runs_nothing(built: Built, tmp_path: Path) -> None:
+    """As a team shares results: the author pushes DVC's cache to a remote and commits dvc.lock
+    with the `cache: false` outputs; a teammate clones, pulls, and `dvc repro` runs nothing."""
+    origin = tmp_path / "origin"
+    shutil.copytree(built.clone, origin, symlinks=True)
+    run(origin, "dvc", "remote", "add", "--default", "shared", str(tmp_path / "remote"))
+    run(origin, "dvc", "push")
+    run(origin, "git", "add", "--all")
+    run(origin, "git", "commit", "--quiet", "-m", "results")
+
+    team = tmp_path / "team"
+    run(tmp_path, "git", "clone", "--quiet", str(origin), str(team))
+    run(team, "dvc", "pull")
+    assert dvc_status(team) == {}
+    code, output = repro(team)
+    assert code == 0, output
+    assert RUNNING.findall(output) == []
+    assert "Data and pipelines are up to date." in output
+    shared = (*OUTPUTS, "outputs/compare")
+    assert digests(team, *shared) == digests(origin, *shared)
+    assert run(team, "git", "status", "--porcelain", "--untracked-files=all") == ""
+    # .gitignore let exactly the `cache: false` outputs through
+    assert set(run(origin, "git", "ls-files", "outputs").splitlines()) == uncached_files(origin)

@@ -24,15 +24,8 @@ from tracer.atomic import write_json
 from tracer.attribution.attribute import attribute
 from tracer.experiments import outputs, tracking
 from tracer.experiments.report import prompt_report
-from tracer.experiments.tracking import (
-    RUN_KEY_TAG,
-    dvc_stage_tags,
-    ensure_store,
-    file_sha256,
-    log_pipeline,
-    run_key,
-    tracking_uri,
-)
+from tracer.experiments.results import dvc_stage_tags, file_sha256, run_key
+from tracer.experiments.tracking import RUN_KEY_TAG, ensure_store, log_pipeline, tracking_uri
 from tracer.graph.graph import Graph
 from tracer.graph.summary import prune_graph
 from tracer.interventions.validation import spearman, validate_graph
@@ -69,7 +62,7 @@ def write_prompt(
         report.to_csv(outputs.validation_dir(root, profile) / f"{prompt}.csv")
     return {
         "seconds": seconds | {"total": sum(seconds.values())},
-        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "attribution_peak_growth_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
@@ -244,7 +237,8 @@ def test_runs_hold_params_metrics_artifacts_of_the_files(pipeline_root: Path, tm
         assert metrics["total_seconds"] == pytest.approx(seconds.pop("total"), abs=1e-12)
         for phase, value in seconds.items():
             assert metrics[f"seconds_{phase}"] == pytest.approx(value, abs=1e-12)
-        assert metrics["peak_memory_bytes"] == timings["peak_memory_bytes"]
+        growth = "attribution_peak_growth_bytes"
+        assert metrics[growth] == timings[growth]
         validation = validation_file(root, name)
         if validation is not None:  # recomputed from the CSV rows, not read from the summary
             rows = list(csv.DictReader(validation.with_suffix(".csv").open()))

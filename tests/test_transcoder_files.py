@@ -319,6 +319,27 @@ def test_missing_hook_in_config(tmp_path: Path):
         load_transcoders(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("key", "hook", "valid"),
+    [
+        (
+            "feature_input_hook",
+            "ln2.hook_scale",
+            "hook_resid_mid, ln2.hook_normalized, mlp.hook_in",
+        ),
+        ("feature_input_hook", "blocks.3.hook_mlp_out", "hook_resid_mid, ln2.hook_normalized"),
+        ("feature_output_hook", "hook_resid_post", "hook_mlp_out, mlp.hook_out"),
+    ],
+)
+def test_unknown_hook_name_lists_valid_ones(tmp_path: Path, key: str, hook: str, valid: str):
+    """A hook name no family maps is refused when the config is read, naming the valid ones."""
+    write_plt_folder(tmp_path, **{key: hook})
+    with pytest.raises(
+        TranscoderFileError, match=f"{key} '{hook}' is not supported; valid: {valid}"
+    ):
+        load_transcoders(tmp_path)
+
+
 def test_missing_listed_layer_file(tmp_path: Path):
     write_plt_folder(tmp_path, transcoders=["layer_0.safetensors", "layer_5.safetensors"])
     with pytest.raises(FileNotFoundError, match="layer_5.safetensors"):

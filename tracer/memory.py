@@ -3,7 +3,8 @@
 glibc raises its mmap threshold dynamically after large frees, so the batch-sized temporaries of a
 forward pass end up on the heap and stay counted in RSS long after torch freed them (we measured a
 1.3 GB high-water mark for 170 MB of live tensors). A fixed 1 MiB threshold makes large blocks
-mmap-backed and returned on free. Process-wide, Linux/glibc only, idempotent.
+mmap-backed and returned on free. Process-wide, Linux/glibc only, idempotent: an opt-in for
+programs (the CLI, pipeline stages, benchmarks), which the library itself never calls.
 """
 
 from __future__ import annotations

@@ -194,5 +194,5 @@ else:
 
 run = read_run(root, profile_name, prompt)
 if run:
-    with st.expander("Attribution run (seconds per phase, peak memory)"):
+    with st.expander("Attribution run (seconds per phase, peak memory growth)"):
         st.json(run)

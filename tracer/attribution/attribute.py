@@ -1,7 +1,9 @@
 """Attribution graphs of the local replacement model (DESIGN.md section 2).
 
 Phases, each a function below:
-1. `ReplacementModel.run_prompt`: one clean forward; feature activations, errors, token vectors.
+1. `ReplacementModel.run_prompt`: one clean forward; feature activations, errors, token
+   embeddings (a token node writes its token's embedding only: GPT-2's position embedding is a
+   constant, like a bias).
 2. `select_logit_targets`: the logits to explain (top tokens by probability, or custom targets).
 3. `collect_sources`: active features in (layer, pos, feature) order and their write vectors.
 4. `ReplacementModel.linear_forward`: the prompt repeated `batch_size` times, linear in the sources,
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from tracer.attribution.rows import ELEMENT_BUDGET, RowComputer, Sources, Target
 from tracer.graph.graph import Graph, LogitTarget
-from tracer.memory import return_freed_memory
+from tracer.graph.pruning import influence_series
 from tracer.model.replacement import PromptState, ReplacementModel
 
 
@@ -125,7 +127,7 @@ def collect_sources(model: ReplacementModel, state: PromptState) -> Sources:
         features=features,
         activations=activations,
         errors=torch.stack(state.errors).to(dtype),
-        tokens=state.embeddings.to(dtype),
+        tokens=state.token_embeddings.to(dtype),  # the token embedding only, as upstream
         encoders=encoders,
         writes=writes,
     )
@@ -164,22 +166,23 @@ def _influence_on_logits(
     position = torch.full((n_columns,), -1, dtype=torch.long)
     known = row_nodes < n_columns
     position[row_nodes[known]] = known.nonzero(as_tuple=True)[0]
-    influence = torch.zeros(n_columns, dtype=dtype)
-    current = logit_weights.to(dtype)
-    for _ in range(rows.shape[0] + 1):
-        scaled = current / row_sums.clamp_min(1e-30)  # spreading |rows| normalised to sum 1
-        spread = torch.zeros(n_columns, dtype=dtype)
+    has_row = position >= 0
+
+    def spread(on_rows: torch.Tensor) -> torch.Tensor:  # (n_rows,) -> (n_columns,)
+        scaled = on_rows / row_sums.clamp_min(1e-30)  # spreading |rows| normalised to sum 1
+        out = torch.zeros(n_columns, dtype=dtype)
         start = 0
         for block in _row_blocks(rows):
-            spread += scaled[start : start + block.shape[0]] @ block.to(dtype).abs()
+            out += scaled[start : start + block.shape[0]] @ block.to(dtype).abs()
             start += block.shape[0]
-        influence += spread
-        current = torch.zeros_like(current)
-        has_row = position >= 0
-        current[position[has_row]] = spread[has_row]
-        if not current.any():
-            break
-    return influence
+        return out
+
+    def step(on_columns: torch.Tensor) -> torch.Tensor:  # a node's influence passes on its row
+        on_rows = torch.zeros(rows.shape[0], dtype=dtype)
+        on_rows[position[has_row]] = on_columns[has_row]
+        return spread(on_rows)
+
+    return influence_series(step, spread(logit_weights.to(dtype)), rows.shape[0] + 2)
 
 
 def _row_blocks(rows: torch.Tensor) -> list[torch.Tensor]:
@@ -333,7 +336,6 @@ def attribute(
         raise ValueError(
             f"max_feature_nodes must be >= 1 (or None for all), got {max_feature_nodes}"
         )
-    return_freed_memory()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -390,6 +392,7 @@ def attribute(
             "transcoder_revision": model.transcoders.revision,
             "scan": model.transcoders.scan or model.transcoders.model_name,
             "family": model.family.name,
+            "vocab_size": model.vocab_size,  # the viewer's ids of non-token logit targets
             "dtype": str(model.dtype).removeprefix("torch."),
             "config": {
                 "max_n_logits": max_n_logits,

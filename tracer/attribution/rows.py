@@ -24,7 +24,7 @@ class Sources:
     features: torch.Tensor  # (n_active, 3) long: layer, pos, feature
     activations: torch.Tensor  # (n_active,)
     errors: torch.Tensor  # (n_layers, n_pos, d_model)
-    tokens: torch.Tensor  # (n_pos, d_model)
+    tokens: torch.Tensor  # (n_pos, d_model): token embeddings, added where layer 0's input forms
     encoders: torch.Tensor  # (n_active, d_model): each feature's encoder row (its read vector)
     # per write layer: (indices into features, positions, activation-scaled decoder rows (n, d_model))
     writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

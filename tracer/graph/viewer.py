@@ -1,23 +1,64 @@
 """Export of a *pruned* graph in the JSON format the web graph viewers read.
 
-`{metadata, qParams, nodes, links}`; node ids: features `"{layer}_{feature}_{pos}"`, errors
-`"0_{layer}_{pos}"`, tokens `"E_{token_id}_{pos}"`, logits `"{n_layers + 1}_{token_id}_{pos}"`.
-Only kept nodes and kept edges are written: a full graph never goes to a viewer.
+`{metadata, qParams, nodes, links}`, node fields as circuit-tracer's `frontend/graph_models.py`
+(`Node.feature_node` / `error_node` / `token_node` / `logit_node`) computes them, and valid against
+Neuronpedia's published schema (`apps/webapp/app/api/graph/graph-schema.json`):
 
-The scheme is not collision-free: the error id `0_{layer}_{pos}` equals the id of layer-0 feature
-number `layer` at the same position, and a direction target (logit(A) - logit(B)) shares its id
-with a plain target A. A node whose id was already taken gets `~{n}` appended, so links stay
-unambiguous; ids of the scheme are otherwise kept exactly.
+| node    | node_id                      | jsNodeId                | feature              |
+|---------|------------------------------|-------------------------|----------------------|
+| feature | `{layer}_{feature}_{pos}`    | `{layer}_{feature}-0`   | cantor(layer, feature) |
+| error   | `{layer}_-1_{pos}`           | `{layer}_-1-{pos}`      | -1                   |
+| token   | `E_{token_id}_{pos}`         | `E_{token_id}-{pos}`    | pos                  |
+| logit   | `{n_layers + 1}_{vocab_idx}_{pos}` | `L_{vocab_idx}-{pos}` | vocab_idx          |
+
+Ids are unique: feature index -1 is never a feature's, and a logit target that is not one token
+(e.g. logit(A) - logit(B)) gets upstream's virtual vocabulary index `vocab_size + k` (k its place
+among the targets). A feature's jsNodeId is shared by the same feature at every position, as
+upstream's is (the frontend highlights them together). Only kept nodes and kept edges are written:
+a full graph never goes to a viewer.
 """
 
 from __future__ import annotations
 
-from tracer.graph.graph import Graph, library_version
+from tracer.graph.graph import Graph, LogitTarget, library_version
 from tracer.graph.pruning import PruneResult
+
+# circuit-tracer writes this feature_type for every transcoder feature, per-layer sets included
+# (it has no other string), and Neuronpedia's frontend recognises feature nodes by it alone
+# (counting features for its scores, fetching feature details): another string would hide them.
+FEATURE_TYPE = "cross layer transcoder"
+ERROR_TYPE = "mlp reconstruction error"
+TOKEN_TYPE = "embedding"
+LOGIT_TYPE = "logit"
+
+
+def cantor_pairing(x: int, y: int) -> int:
+    """Upstream's `feature` number of a transcoder feature: a unique int for (layer, index)."""
+    return (x + y) * (x + y + 1) // 2 + y
 
 
 def _token_text(graph: Graph, tokenizer, token: int) -> str:
     return tokenizer.decode([token]) if tokenizer is not None else str(token)
+
+
+def _is_token(target: LogitTarget) -> bool:
+    return len(target.token_ids) == 1 and target.weights[0] == 1.0
+
+
+def logit_vocab_index(graph: Graph, k: int) -> int:
+    """The vocabulary index of logit node k: its token id, or upstream's virtual index
+    `vocab_size + k` for a target that is not a single token."""
+    target = graph.logit_targets[k]
+    if _is_token(target):
+        return target.token_ids[0]
+    vocab_size = graph.metadata.get("vocab_size")
+    if vocab_size is None:
+        raise ValueError(
+            f"logit target {target.label!r} is not a single token, and its viewer id needs the "
+            "vocabulary size, which this graph's metadata lacks (graphs made before it was "
+            "recorded): compute the graph again"
+        )
+    return int(vocab_size) + k
 
 
 def viewer_nodes(graph: Graph, result: PruneResult, tokenizer=None) -> list[dict]:
@@ -34,21 +75,23 @@ def viewer_nodes(graph: Graph, result: PruneResult, tokenizer=None) -> list[dict
             layer, pos, feature = selected[index]
             node |= {
                 "node_id": f"{layer}_{feature}_{pos}",
-                "feature": feature,
+                "jsNodeId": f"{layer}_{feature}-0",
+                "feature": cantor_pairing(layer, feature),
                 "layer": str(layer),
                 "ctx_idx": pos,
-                "feature_type": "cross layer transcoder",
+                "feature_type": FEATURE_TYPE,
                 "activation": activations[index],
                 "clerp": "",
             }
         elif index < layout.n_features + layout.n_errors:
             layer, pos = divmod(index - layout.n_features, graph.n_pos)
             node |= {
-                "node_id": f"0_{layer}_{pos}",
-                "feature": None,
+                "node_id": f"{layer}_-1_{pos}",
+                "jsNodeId": f"{layer}_-1-{pos}",
+                "feature": -1,
                 "layer": str(layer),
                 "ctx_idx": pos,
-                "feature_type": "mlp reconstruction error",
+                "feature_type": ERROR_TYPE,
                 "clerp": f"error at layer {layer}",
             }
         elif index < layout.n_nodes - layout.n_logits:
@@ -56,35 +99,30 @@ def viewer_nodes(graph: Graph, result: PruneResult, tokenizer=None) -> list[dict
             token = int(graph.input_tokens[pos])
             node |= {
                 "node_id": f"E_{token}_{pos}",
+                "jsNodeId": f"E_{token}-{pos}",
                 "feature": pos,
                 "layer": "E",
                 "ctx_idx": pos,
-                "feature_type": "embedding",
+                "feature_type": TOKEN_TYPE,
                 "clerp": _token_text(graph, tokenizer, token),
             }
         else:
             k = index - (layout.n_nodes - layout.n_logits)
             target = graph.logit_targets[k]
-            pos = graph.n_pos - 1
+            pos, vocab_index = graph.n_pos - 1, logit_vocab_index(graph, k)
             node |= {
-                "node_id": f"{n_layers + 1}_{target.token_ids[0]}_{pos}",
-                "feature": target.token_ids[0],
+                "node_id": f"{n_layers + 1}_{vocab_index}_{pos}",
+                "jsNodeId": f"L_{vocab_index}-{pos}",
+                "feature": vocab_index,
                 "layer": str(n_layers + 1),
                 "ctx_idx": pos,
-                "feature_type": "logit",
+                "feature_type": LOGIT_TYPE,
                 "token_prob": target.probability,
                 "is_target_logit": k == 0,
-                "clerp": f'output "{target.label}" (p={target.probability:.3f})',
+                # the label recorded with the graph (the token's text), as upstream's clerp
+                "clerp": f'Output "{target.label}" (p={target.probability:.3f})',
             }
         nodes.append(node)
-    taken: dict[str, int] = {}
-    for node in nodes:
-        base = node["node_id"]
-        count = taken.get(base, 0)
-        taken[base] = count + 1
-        if count:
-            node["node_id"] = f"{base}~{count}"
-        node["jsNodeId"] = node["node_id"]
     return nodes
 
 
@@ -115,17 +153,23 @@ def to_viewer_json(
     tokens = [_token_text(graph, tokenizer, int(t)) for t in graph.input_tokens]
     metadata = {
         "slug": slug,
-        "scan": graph.metadata.get("scan") or graph.metadata.get("transcoder_set"),
+        "scan": str(
+            graph.metadata.get("scan")
+            or graph.metadata.get("transcoder_set")
+            or graph.metadata.get("model_id")
+            or "unknown"
+        ),  # required by the schema; Neuronpedia reads it as the model id
         "prompt_tokens": tokens,
         "prompt": graph.input_string if graph.input_string is not None else "".join(tokens),
-        "node_threshold": node_threshold,
-        "edge_threshold": edge_threshold,
         "info": {
             "generator": {"name": "tracer", "version": library_version()},
             "model_id": graph.metadata.get("model_id"),
             "transcoder_set": graph.metadata.get("transcoder_set"),
         },
     }
+    # the schema types node_threshold as a number: an unpruned document leaves the keys out
+    thresholds = {"node_threshold": node_threshold, "edge_threshold": edge_threshold}
+    metadata |= {key: value for key, value in thresholds.items() if value is not None}
     q_params = {
         "pinnedIds": [],
         "supernodes": [],

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tracer.interventions.modes import MODES
 from tracer.model.replacement import PromptState, ReplacementModel
 
-MODES = ("full", "frozen_attention", "direct")
 _FREEZING = {
     "full": ("off", "off"),
     "frozen_attention": ("replay", "off"),
@@ -64,7 +64,8 @@ class ErrorChange:
 
 @dataclass(frozen=True)
 class TokenChange:
-    """Scale the token vector (residual stream entering layer 0) at `pos` by `scale`."""
+    """Scale the token embedding at `pos` by `scale` (0 removes the token node); what else enters
+    layer 0 there (GPT-2's position embedding) stays, as the token node does not write it."""
 
     pos: int
     scale: float
@@ -168,21 +169,19 @@ def direct_effect_run(
     ts = model.transcoders
     token_scale, write_delta = _write_deltas(model, state, batch, state.n_pos)
     ids = state.input_ids[None].expand(len(batch), -1)
-    model.freezer.set_mode("replay")
-    try:
+    with model.traced_pass("replay", recording=state.recording):
         reads = []
         with model.envoy.trace(ids):
-            model._embed_envoy().output = state.embeddings * token_scale
+            token_delta = (token_scale - 1) * state.token_embeddings
+            model._embed_envoy().output = state.embeddings + token_delta
             for layer in range(model.n_layers):
-                read = model._read_envoy(layer).save()
+                read = model._read_envoy(layer, model._read_scale(state, layer)).save()
                 constant = state.mlp_outputs[layer] + write_delta[:, layer]
                 if ts.has_skip:
                     constant = constant - ts.skip(layer, state.reads[layer]) + ts.skip(layer, read)
                 model._replace_mlp(layer, constant)
                 reads.append(read)
             final = model.envoy.output[0].save()
-    finally:
-        model.freezer.set_mode("off")
     return DirectRun(reads=torch.stack(reads, dim=1), final_hidden=final)
 
 
@@ -216,14 +215,16 @@ def run_with_changes(
     activations = []
     has_errors = any(isinstance(c, ErrorChange) for cs in batch for c in cs)
     encode_all = with_activations or has_errors
-    model.freezer.set_mode(*_FREEZING[mode])
-    try:
+    frozen_norms = _FREEZING[mode][1] == "replay"
+    attention, norms = _FREEZING[mode]
+    with model.traced_pass(attention, norms, recording=state.recording):
         with model.envoy.trace(ids):
-            embed = model._embed_envoy()
-            embed.output = embed.output * token_scale
+            model._embed_with_token_scale(token_scale)
             acts_so_far: list[torch.Tensor] = []
             for layer in range(model.n_layers):
-                read = model._read_envoy(layer)
+                read = model._read_envoy(
+                    layer, model._read_scale(state, layer) if frozen_norms else None
+                )
                 acts = ts.encode(layer, read) if encode_all else None  # (B, n_pos, d_transcoder)
                 if has_errors:  # unchanged copies: the live error is measured on them
                     acts_so_far.append(acts.clone())
@@ -261,8 +262,6 @@ def run_with_changes(
                 if with_activations:
                     activations.append(acts.to_sparse())
             final = model.envoy.output[0].save()
-    finally:
-        model.freezer.set_mode("off")
     logits = model.logits_from_hidden(final)
     return InterventionResult(logits=logits, activations=activations, clean_logits=state.logits)
 
@@ -365,14 +364,6 @@ def _as_batch(changes) -> list[list[Change]]:
     if not all(batch):
         raise ValueError("an intervention set is empty; give at least one change per set")
     return batch
-
-
-def feature_intervention(
-    model: ReplacementModel, prompt, changes: Sequence[Change]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Direct-effect intervention: (new logits at the last position, clean ones)."""
-    result = intervene(model, prompt, changes, mode="direct")
-    return result.logits[0, -1], result.clean_logits[-1]
 
 
 def ablate_supernodes(

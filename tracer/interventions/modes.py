@@ -2,7 +2,7 @@
 
 - direct: attention, norms and MLP outputs frozen to the prompt's values: the adjacency's own
   model, so ablating a source changes each target by exactly its edge;
-- frozen_attention: attention patterns and norm scales frozen, MLPs and transcoders recomputed;
+- frozen_attention: attention patterns frozen; norms, MLPs and transcoders recomputed;
 - full: everything downstream recomputed.
 """
 

@@ -182,7 +182,7 @@ def measure_ablations(
     """(n_nodes, k): change of each target's demeaned logit when each (layer, pos, feature) is set
     to 0 in `mode`. Each batch carries an unchanged row, the baseline of its own rows.
 
-    `state` must be the model's latest `run_prompt` (its recorded patterns are replayed).
+    `state` is the prompt's `run_prompt` (the frozen modes replay its patterns and scales).
     """
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (one row is the baseline), got {batch_size}")

@@ -3,7 +3,15 @@
 This is the one table of per-family quirks. Module paths are relative to the decoder stack (the
 `base` attribute of the causal-LM wrapper: `transformer` for GPT-2, `model` for the others) and to one
 decoder layer. Transcoder configs name their read/write points with TransformerLens hook names;
-`hook_point` maps those onto this table.
+`hook_point` maps those onto this table, with TransformerLens's meaning (models loaded with
+`fold_ln=False`, as the reference does): `ln2.hook_normalized` is the pre-MLP norm's input
+normalised *before* its weight (and LayerNorm's bias), which no Hugging Face module outputs, so it
+is a read point with a transform (`normalized`).
+
+Token nodes write the token embedding only (`embed_tokens`): GPT-2's learned position embedding is
+added to the residual stream like a bias, a constant of the replacement model (the reference does
+the same). Gemma-2's `embed_tokens` already multiplies by sqrt(d_model), so its output is what
+enters the residual stream.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ class Family:
     base: str  # decoder stack attribute on the *ForCausalLM model
     layers: str  # ModuleList of decoder layers, on the base
     embed_out: str  # module on the base whose output is the residual stream entering layer 0
+    embed_tokens: str  # module on the base whose output is the token embedding (token nodes)
     final_norm: str  # on the base
     attention: str  # on a layer
     mlp: str  # on a layer
@@ -47,6 +56,7 @@ GPT2 = Family(
     base="transformer",
     layers="h",
     embed_out="drop",  # wte + wpe, after (inactive) dropout
+    embed_tokens="wte",  # wpe is a constant of the replacement model, like a bias
     final_norm="ln_f",
     attention="attn",
     mlp="mlp",
@@ -62,6 +72,7 @@ LLAMA = Family(
     base="model",
     layers="layers",
     embed_out="embed_tokens",
+    embed_tokens="embed_tokens",
     final_norm="norm",
     attention="self_attn",
     mlp="mlp",
@@ -83,6 +94,7 @@ GEMMA2 = Family(
     base="model",
     layers="layers",
     embed_out="embed_tokens",
+    embed_tokens="embed_tokens",
     final_norm="norm",
     attention="self_attn",
     mlp="mlp",
@@ -106,28 +118,79 @@ def family_for(model_type: str) -> Family:
     raise ValueError(f"unsupported model type {model_type!r}; supported: {supported}")
 
 
-# TransformerLens hook names used by published transcoder sets -> (which module, input or output).
+@dataclass(frozen=True)
+class HookPoint:
+    """A TransformerLens hook resolved for one family: a module of a decoder layer, its input or
+    output, and for `normalized` the (norm) module's input normalised before its weight."""
+
+    module: str  # on a layer
+    side: str  # "input" | "output"
+    normalized: bool = False
+
+
+# TransformerLens hook names used by published transcoder sets -> (family attribute, side, normalized)
 _HOOKS = {
-    "hook_resid_mid": ("pre_mlp_norm", "input"),
-    "ln2.hook_normalized": ("mlp", "input"),
-    "mlp.hook_in": ("mlp", "input"),
-    "hook_mlp_out": ("mlp_write", "output"),
-    "mlp.hook_out": ("mlp_write", "output"),
+    "hook_resid_mid": ("pre_mlp_norm", "input", False),  # the norm's input, un-normalised
+    "ln2.hook_normalized": ("pre_mlp_norm", "input", True),  # x / scale, before the weight
+    "mlp.hook_in": ("mlp", "input", False),  # the norm's output
+    "hook_mlp_out": ("mlp_write", "output", False),
+    "mlp.hook_out": ("mlp_write", "output", False),
 }
 READ_HOOKS = ("hook_resid_mid", "ln2.hook_normalized", "mlp.hook_in")
 WRITE_HOOKS = ("hook_mlp_out", "mlp.hook_out")
 
 
-def hook_point(family: Family, hook: str, *, write: bool) -> tuple[str, str]:
-    """Map a TransformerLens hook name (optionally `blocks.{i}.`-prefixed) to (layer module, side)."""
+def check_hook(hook: str, *, write: bool) -> str:
+    """The hook's name without a `blocks.{i}.` prefix; a clear error for a name we do not map."""
     prefixed = re.fullmatch(r"blocks\.\d+\.(.+)", hook)
     name = prefixed.group(1) if prefixed else hook
     valid = WRITE_HOOKS if write else READ_HOOKS
     if name not in valid:
         kind = "feature_output_hook" if write else "feature_input_hook"
         raise ValueError(f"{kind} {hook!r} is not supported; valid: {', '.join(valid)}")
-    attr, side = _HOOKS[name]
-    return getattr(family, attr), side
+    return name
+
+
+def hook_point(family: Family, hook: str, *, write: bool) -> HookPoint:
+    """Map a TransformerLens hook name (optionally `blocks.{i}.`-prefixed) to a point of a layer."""
+    attr, side, normalized = _HOOKS[check_hook(hook, write=write)]
+    return HookPoint(getattr(family, attr), side, normalized)
+
+
+def norm_eps(module: torch.nn.Module) -> float:
+    """The epsilon of a LayerNorm / RMSNorm module (attribute names differ between families)."""
+    for name in ("eps", "variance_epsilon"):
+        eps = getattr(module, name, None)
+        if eps is not None:
+            return eps
+    raise ValueError(f"{type(module).__name__} has no eps / variance_epsilon: not a known norm")
+
+
+def normalize(
+    x: torch.Tensor, style: str, eps: float, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A norm's input normalised before its weight, TransformerLens's `hook_normalized`.
+
+    x (..., n_pos, d_model): `(x - mean) * rsqrt(var + eps)` for LayerNorm, `x * rsqrt(mean(x^2)
+    + eps)` for RMSNorm (Gemma's `1 + w` is the weight: not applied). `scale` (n, 1), if given, is
+    used at the first n positions (a frozen prompt: linear in x, no gradient through it), the live
+    scale elsewhere. Computed in float32 or wider, returned in x's dtype with the scale used
+    (..., n_pos, 1).
+    """
+    assert style in NORM_STYLES, style
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    if style == "layernorm":
+        xf = xf - xf.mean(-1, keepdim=True)
+    n_pos = x.shape[-2]
+    if scale is not None and scale.shape[-2] > n_pos:
+        raise ValueError(f"norm scale of {scale.shape[-2]} positions for an input of {n_pos}")
+    if scale is None or scale.shape[-2] < n_pos:
+        with torch.no_grad():
+            live = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        if scale is not None:  # generation: positions after the frozen prompt are live
+            live[..., : scale.shape[-2], :] = scale.to(live.dtype)
+        scale = live
+    return (xf * scale.to(xf.dtype)).to(x.dtype), scale
 
 
 def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:

@@ -4,27 +4,39 @@ Modes per component:
 - "off":    the model runs as usual (our recomputed norms are value-identical up to rounding);
 - "detach": values as usual, but no gradient flows through the pattern or the norm scale
             (the residual stream becomes linear in its sources);
-- "record": values as usual, and the attention patterns and norm scales of this prompt are stored;
-- "replay": the stored patterns and norm scales are used whatever the input is (attribution's
-            linear pass and direct-effect interventions: the frozen model run forward). On a
-            longer input (generation) only the recorded prompt positions are frozen.
+- "record": values as usual, and the pass's attention patterns and norm scales are written into
+            the `Recording` it was given (the prompt's: `PromptState.recording`);
+- "replay": the patterns and norm scales of a given `Recording` are used whatever the input is
+            (attribution's linear pass and direct-effect interventions: the frozen model run
+            forward). On a longer input (generation) only the recorded prompt positions are frozen.
 
-Attention goes through a function registered with transformers' `AttentionInterface`. The pattern
-is read off the family's *own* implementation by passing it an identity matrix as the values
-(output = pattern @ I), so RoPE, grouped-query attention, q/k norms, soft-caps and sliding windows
-stay the family's own; the frozen output is then `pattern @ values`, which saves for backward only
-the (heads, n_pos, n_pos) pattern instead of the family kernel's batch-sized buffers. The matching
-mask function is registered under the same name, or the model would silently run with no causal
-mask. Norms are frozen by replacing their forward with one whose scale is frozen; it computes
-in float32 or wider (transformers' RMSNorms always use float32, so float64 models differ from
-their unmodified selves by float32 rounding there).
+What is installed on a model (`Freezer.install`, undone by `Freezer.uninstall`) holds nothing of
+any prompt. The modes and the recording belong to a pass: `Freezer.frozen(...)` sets them in a
+`contextvars.ContextVar` for the code it wraps, so passes in two threads (each thread has its own
+context) see their own, and a plain call of the model outside such a block runs unfrozen. NNSight
+0.8 runs the model's forward in the thread and greenlet that enters the trace, while the trace
+body runs in a worker greenlet whose context is empty: set the freezing *around* a trace, never
+inside its body.
+
+Attention goes through a function registered with transformers' `AttentionInterface` (once per
+original implementation, process-wide; it keeps no data). The pattern is read off the family's
+*own* implementation by passing it an identity matrix as the values (output = pattern @ I), so
+RoPE, grouped-query attention, q/k norms, soft-caps and sliding windows stay the family's own; the
+frozen output is then `pattern @ values`, which saves for backward only the (heads, n_pos, n_pos)
+pattern instead of the family kernel's batch-sized buffers. The matching mask function is
+registered under the same name, or the model would silently run with no causal mask. Norms are
+frozen by replacing their forward with one whose scale is frozen; it computes in float32 or wider
+(transformers' RMSNorms always use float32, so float64 models differ from their unmodified selves
+by float32 rounding there).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import sys
-import weakref
+import types
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -35,34 +47,47 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from tracer.model.families import Family, get_module
 
 MODES = ("off", "detach", "record", "replay")
-
-# attention module -> its layer's state; weak so a freed model leaves nothing behind
-_ATTENTION_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+PREFIX = "tracer_frozen_"
 
 
 @dataclass
-class _AttentionState:
-    inner: object  # the family's own attention function
-    mode: str = "off"
-    pattern: torch.Tensor | None = None  # (1, heads, n_pos, n_pos) recorded
+class Recording:
+    """Attention patterns and norm scales of one prompt: a "record" pass writes them, "replay"
+    passes read them. It belongs to the prompt's state, never to the model."""
+
+    patterns: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (1, heads, n, n)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # norm path -> (1, n, 1)
 
 
-@dataclass
-class _NormState:
-    style: str
-    original: object  # the module's own forward
-    mode: str = "off"
-    scale: torch.Tensor | None = None  # (1, n_pos, 1) recorded 1/denominator
+@dataclass(frozen=True)
+class _Pass:
+    """The freezing of the passes that run inside one `Freezer.frozen` block."""
+
+    freezer: Freezer
+    attention: str
+    norms: str
+    recording: Recording | None
+
+
+# per context (so per thread): the freezing of the pass running there; None = everything off
+_PASS: ContextVar[_Pass | None] = ContextVar("tracer_freezing", default=None)
+
+
+def _family_attention(module: torch.nn.Module, original: str) -> Callable:
+    """The attention function `module` runs without freezing (`original` implementation)."""
+    if original == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[original]
 
 
 @torch.no_grad()
-def _pattern(state: _AttentionState, module, query, key, attention_mask, kwargs) -> torch.Tensor:
+def _pattern(inner, module, query, key, attention_mask, kwargs) -> torch.Tensor:
     """(batch, heads, q_len, k_len) softmax pattern computed by the family's own function."""
     batch, kv_heads, k_len = key.shape[0], key.shape[1], key.shape[2]
     eye = torch.eye(k_len, dtype=query.dtype, device=query.device).expand(
         batch, kv_heads, k_len, k_len
     )
-    out, _ = state.inner(module, query, key, eye, attention_mask, **kwargs)
+    out, _ = inner(module, query, key, eye, attention_mask, **kwargs)
     return out.transpose(1, 2)  # (batch, q_len, heads, k_len) -> (batch, heads, q_len, k_len)
 
 
@@ -76,62 +101,78 @@ def _apply_pattern(pattern: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhqk,bhkd->bqhd", pattern.to(value.dtype), value)
 
 
-def _frozen_attention(module, query, key, value, attention_mask, **kwargs):
-    state = _ATTENTION_STATE[module]
-    if state.mode == "off":
-        return state.inner(module, query, key, value, attention_mask, **kwargs)
-    if state.mode == "record":
-        state.pattern = _pattern(state, module, query, key, attention_mask, kwargs)
-        return state.inner(module, query, key, value, attention_mask, **kwargs)
-    if state.mode == "detach":
-        pattern = _pattern(state, module, query, key, attention_mask, kwargs)
-    else:
-        pattern = _replayed(state.pattern, key.shape[-2], "attention")
+def _frozen_attention(original: str) -> Callable:
+    """The attention function registered for models whose own implementation is `original`."""
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        inner = _family_attention(module, original)
+        current = _PASS.get()
+        mode = "off" if current is None else current.attention
+        if mode == "off":
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        if mode == "detach":
+            pattern = _pattern(inner, module, query, key, attention_mask, kwargs)
+            return _apply_pattern(pattern, value), None
+        layer = current.freezer.attention_layer(module)
+        if mode == "record":
+            pattern = _pattern(inner, module, query, key, attention_mask, kwargs)
+            current.recording.patterns[layer] = pattern
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        recorded = current.recording.patterns.get(layer)
+        pattern = _replayed(recorded, key.shape[-2], f"attention of layer {layer}")
         if pattern.shape[-1] < key.shape[-2]:  # generation: positions after the prompt are live
-            live = _pattern(state, module, query, key, attention_mask, kwargs)
+            live = _pattern(inner, module, query, key, attention_mask, kwargs)
             n = pattern.shape[-1]
             live[:, :, :n, :n] = pattern.to(live.dtype)
             pattern = live
-    return _apply_pattern(pattern, value), None
+        return _apply_pattern(pattern, value), None
+
+    return attention
 
 
 def _replayed(recorded: torch.Tensor | None, length: int, what: str) -> torch.Tensor:
     """A recorded (.., n_recorded, ..) tensor for a sequence of `length` >= n_recorded positions."""
     if recorded is None:
-        raise RuntimeError(f"{what} replay needs a recorded prompt first")
+        raise RuntimeError(
+            f"{what}: replay needs a recording of the prompt (ReplacementModel.run_prompt)"
+        )
     if recorded.shape[-2] > length:
         raise RuntimeError(
-            f"{what} replay recorded {recorded.shape[-2]} positions but the input has {length}"
+            f"{what}: replay recorded {recorded.shape[-2]} positions but the input has {length}"
         )
     return recorded
 
 
 def _implementation_name(original: str) -> str:
-    name = f"tracer_frozen_{original}"
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _frozen_attention)
+    name = f"{PREFIX}{original}"
+    if name not in ALL_ATTENTION_FUNCTIONS:  # a one-time registration per implementation
+        AttentionInterface.register(name, _frozen_attention(original))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     return name
 
 
-def _frozen_norm_forward(
-    module: torch.nn.Module, state: _NormState, x: torch.Tensor
-) -> torch.Tensor:
-    """The norm's output with its scale frozen per `state.mode`, in the input's dtype.
+def _frozen_norm_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The norm's output with its scale frozen per the current pass, in the input's dtype.
 
     Replaces the module's forward (not a hook), so the original computation never runs and
-    nothing batch-sized is kept for the backward pass but what the frozen formula needs.
+    nothing batch-sized is kept for the backward pass but what the frozen formula needs. Bound
+    to the module as a method, so that a deep copy of the model (NNSight's controller included)
+    binds it to the copy.
     """
-    if state.mode == "off":
-        return state.original(x)
+    current = _PASS.get()
+    mode = "off" if current is None else current.norms
+    if mode == "off":
+        return type(module).forward(module, x)
+    style = current.freezer.family.norm_style
     eps = getattr(module, "eps", None)
     if eps is None:
         eps = module.variance_epsilon
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    if state.style == "layernorm":
+    if style == "layernorm":
         xf = xf - xf.mean(-1, keepdim=True)
-    if state.mode == "replay":
-        scale = _replayed(state.scale, x.shape[-2], "norm")
+    if mode == "replay":
+        name = current.freezer.norm_name(module)
+        scale = _replayed(current.recording.scales.get(name), x.shape[-2], f"norm {name}")
         if scale.shape[-2] < x.shape[-2]:  # generation: positions after the prompt are live
             with torch.no_grad():
                 live = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -140,68 +181,97 @@ def _frozen_norm_forward(
     else:
         with torch.no_grad():
             scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        if state.mode == "record":
-            state.scale = scale
+        if mode == "record":
+            current.recording.scales[current.freezer.norm_name(module)] = scale
     normed = xf * scale.to(xf.dtype)
-    if state.style == "layernorm":
+    if style == "layernorm":
         out = normed * module.weight.to(xf.dtype)
         if module.bias is not None:
             out = out + module.bias.to(xf.dtype)
         return out.to(x.dtype)
-    if state.style == "rms_one_plus":
+    if style == "rms_one_plus":
         return (normed * (1.0 + module.weight.to(xf.dtype))).to(x.dtype)
     return module.weight * normed.to(x.dtype)
 
 
-@dataclass
+@dataclass(eq=False)
 class Freezer:
-    """Attention/norm freezing installed on one model; switch modes with `set_mode`."""
+    """Attention/norm freezing installed on one model; passes choose their modes with `frozen`.
+
+    Holds only what is fixed per model (which module is which layer or norm, what to restore);
+    the patterns and scales of a prompt live in that prompt's `Recording`.
+    """
 
     family: Family
     model: torch.nn.Module  # the *ForCausalLM model
-    _attention: list[_AttentionState] = field(default_factory=list)
-    _norms: list[_NormState] = field(default_factory=list)
+    original: str  # the model's attention implementation before install
+    _attention_layers: dict[torch.nn.Module, int] = field(default_factory=dict)
+    _norm_names: dict[torch.nn.Module, str] = field(default_factory=dict)
 
     @classmethod
     def install(cls, model: torch.nn.Module, family: Family) -> Freezer:
-        existing = getattr(model, "_tracer_freezer", None)
-        if existing is not None:  # one model, several transcoder sets: share the freezing
-            return existing
-        freezer = cls(family=family, model=model)
+        """Route the model's attention and residual/final norms through the freezing functions.
+
+        Changes the model (its attention implementation and the forwards of those norms) until
+        `uninstall`; with no `frozen` block active it computes what it computed before.
+        """
         original = model.config._attn_implementation
-        if original.startswith("tracer_frozen_"):
+        if original.startswith(PREFIX):
             raise RuntimeError("model has tracer freezing from elsewhere; load a fresh copy")
+        freezer = cls(family=family, model=model, original=original)
         base = get_module(model, family.base)
-        layers = get_module(base, family.layers)
-        module_source = sys.modules[type(get_module(layers[0], family.attention)).__module__]
-        inner = (
-            module_source.eager_attention_forward
-            if original == "eager"
-            else ALL_ATTENTION_FUNCTIONS[original]
-        )
-        for layer in layers:
-            state = _AttentionState(inner=inner)
-            _ATTENTION_STATE[get_module(layer, family.attention)] = state
-            freezer._attention.append(state)
+        for i, layer in enumerate(get_module(base, family.layers)):
+            freezer._attention_layers[get_module(layer, family.attention)] = i
             for name in family.residual_norms:
-                freezer._hook_norm(get_module(layer, name))
-        freezer._hook_norm(get_module(base, family.final_norm))
+                freezer._norm_names[get_module(layer, name)] = f"{family.layers}.{i}.{name}"
+        freezer._norm_names[get_module(base, family.final_norm)] = family.final_norm
+        for module, name in freezer._norm_names.items():
+            if "forward" in vars(module):  # a wrapper's: freezing would bypass or double it
+                raise RuntimeError(
+                    f"norm {name} has a forward of its own; tracer needs plain norms"
+                )
+        for module in freezer._norm_names:
+            module.forward = types.MethodType(_frozen_norm_forward, module)
         model.set_attn_implementation(_implementation_name(original))
-        model._tracer_freezer = freezer
         return freezer
 
-    def _hook_norm(self, module: torch.nn.Module) -> None:
-        state = _NormState(style=self.family.norm_style, original=module.forward)
-        self._norms.append(state)
-        module.forward = functools.partial(_frozen_norm_forward, module, state)
+    def uninstall(self) -> None:
+        """Give the model back its own attention implementation and norm forwards."""
+        for module in self._norm_names:
+            vars(module).pop("forward", None)
+        self.model.set_attn_implementation(self.original)
 
-    def set_mode(self, attention: str = "off", norms: str | None = None) -> None:
-        """Set the freezing mode of every attention layer and norm (norms default to `attention`)."""
+    def attention_layer(self, module: torch.nn.Module) -> int:
+        """The layer index of an attention module of this model."""
+        if module not in self._attention_layers:
+            raise RuntimeError("a frozen pass of one model ran the attention of another")
+        return self._attention_layers[module]
+
+    def norm_name(self, module: torch.nn.Module) -> str:
+        """The path (from the decoder stack) of a frozen norm of this model."""
+        if module not in self._norm_names:
+            raise RuntimeError("a frozen pass of one model ran a norm of another")
+        return self._norm_names[module]
+
+    @contextlib.contextmanager
+    def frozen(
+        self,
+        attention: str = "off",
+        norms: str | None = None,
+        recording: Recording | None = None,
+    ) -> Iterator[None]:
+        """Passes of the model inside this block, in this thread only, freeze per the modes.
+
+        `norms` defaults to `attention`. "record" writes into `recording`, "replay" reads it.
+        """
         norms = attention if norms is None else norms
         for mode in (attention, norms):
             if mode not in MODES:
                 raise ValueError(f"freezing mode must be one of {MODES}, got {mode!r}")
-        for state in self._attention:
-            state.mode = attention
-        for state in self._norms:
-            state.mode = norms
+        if recording is None and {"record", "replay"} & {attention, norms}:
+            raise ValueError(f"modes {attention!r}/{norms!r} need a Recording, got none")
+        token = _PASS.set(_Pass(self, attention, norms, recording))
+        try:
+            yield
+        finally:
+            _PASS.reset(token)

@@ -3,25 +3,36 @@
 For one prompt (DESIGN.md section 2): attention patterns and norm scales are frozen, each MLP output
 is `transcoder output + error` with the error a constant, feature activations are constants. A
 transcoder's skip term is linear in the MLP input, so it stays differentiable (it is part of the
-linear model, not a source). `ReplacementModel` owns the model, its transcoders, the freezing
-switches and the two traced passes the rest of the library needs:
-- `run_prompt`: one clean forward that records everything of the prompt (`PromptState`);
-- `linear_forward`: the prompt repeated `batch` times with gradients frozen, returning the tensors
-  that attribution differentiates.
+linear model, not a source). `ReplacementModel` owns the model's wrapping (undone by `close`), its
+transcoders and the two traced passes the rest of the library needs:
+- `run_prompt`: one clean forward that records everything of the prompt (`PromptState`, its
+  attention patterns and norm scales included);
+- `linear_forward`: the prompt repeated `batch` times with gradients frozen (the state's patterns
+  and scales replayed), returning the tensors that attribution differentiates.
+Every traced pass runs inside `traced_pass`, which sets its freezing for the calling thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from nnsight import NNsight
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from tracer.model.families import Family, family_for, get_module, hook_point
-from tracer.model.freezing import Freezer
+from tracer.hub import resolve_model
+from tracer.model.families import (
+    Family,
+    family_for,
+    get_module,
+    hook_point,
+    norm_eps,
+    normalize,
+)
+from tracer.model.freezing import Recording
+from tracer.model.wrapping import Wrapping
 from tracer.transcoders.sets import TranscoderSet
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -39,9 +50,7 @@ def load_model(
     name_or_path: str, *, dtype: str | torch.dtype = "float32", revision: str | None = None
 ) -> PreTrainedModel:
     """Load a causal LM from a local folder or hub id, in eval mode, on CPU."""
-    looks_local = str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
+    name_or_path = resolve_model(name_or_path, revision)
     config = AutoConfig.from_pretrained(name_or_path, revision=revision)
     family = family_for(config.model_type)
     kwargs = (
@@ -58,13 +67,18 @@ class PromptState:
     """Everything recorded on one clean pass over a prompt. Shapes per layer: (n_pos, ...)."""
 
     input_ids: torch.Tensor  # (n_pos,)
-    embeddings: torch.Tensor  # (n_pos, d_model): residual stream entering layer 0 (token sources)
+    embeddings: torch.Tensor  # (n_pos, d_model): residual stream entering layer 0
+    token_embeddings: torch.Tensor  # (n_pos, d_model): what token nodes write (no position emb.)
     reads: list[torch.Tensor]  # per layer (n_pos, d_model): what the transcoder reads
     mlp_outputs: list[torch.Tensor]  # per layer (n_pos, d_model): what the MLP writes
     activations: list[torch.Tensor]  # per layer (n_pos, d_transcoder): feature activations
     errors: list[torch.Tensor]  # per layer (n_pos, d_model): mlp_output - transcoder output
     final_hidden: torch.Tensor  # (n_pos, d_model): after the final norm
     logits: torch.Tensor  # (n_pos, vocab): the model's own logits (after any soft-cap)
+    recording: Recording  # attention patterns and norm scales, replayed by frozen passes
+    # per layer (n_pos, 1): the read norm's scale on this prompt, for reads that normalise
+    # (`ln2.hook_normalized`); frozen wherever the norms are
+    read_scales: list[torch.Tensor] | None = None
 
     @property
     def n_pos(self) -> int:
@@ -72,7 +86,22 @@ class PromptState:
 
 
 class ReplacementModel:
-    """A causal LM with a transcoder set, ready for attribution and interventions."""
+    """A causal LM with a transcoder set, ready for attribution and interventions.
+
+    Wrapping changes the model in place (tracer.model.wrapping): its attention implementation
+    and norm forwards are routed through tracer's freezing, it is put in eval mode with
+    `requires_grad=False` on every parameter, and NNSight instruments its modules. `close()`
+    (or leaving `with ReplacementModel(...) as rm:`) restores all of it exactly; several
+    ReplacementModels of one model share the wrapping, and the last to close restores the model.
+    A closed ReplacementModel refuses to run. The transcoder set is used as given when it is in
+    the model's dtype, else as a cast copy (the caller's set is not changed).
+
+    Thread-safe: a prompt's attention patterns and norm scales live in its `PromptState`, and the
+    freezing of a pass is set for the calling thread only (`traced_pass`); traced passes of one
+    model take turns (NNSight cannot run two traces of one model at once), while the backward
+    passes of attribution run concurrently. Plain calls of `rm.model` from another thread while
+    a traced pass runs are not safe (NNSight would route them into that trace).
+    """
 
     def __init__(
         self,
@@ -84,8 +113,7 @@ class ReplacementModel:
         model_revision: str | None = None,
     ) -> None:
         self.family: Family = family_for(model.config.model_type)
-        self.model = model.eval()
-        self.model.requires_grad_(False)
+        self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id or getattr(model.config, "_name_or_path", None) or "unknown"
         self.model_revision = model_revision
@@ -95,19 +123,64 @@ class ReplacementModel:
         self.n_layers = len(self.layers)
         self.d_model = model.config.hidden_size
         self._check_transcoders()
-        self.read_module, self.read_side = hook_point(
-            self.family, transcoders.feature_input_hook, write=False
-        )
-        self.write_module, _ = hook_point(self.family, transcoders.feature_output_hook, write=True)
-        self.freezer = Freezer.install(model, self.family)
-        self.envoy = NNsight(self.base)
+        self.read_point = hook_point(self.family, transcoders.feature_input_hook, write=False)
+        self.write_module = hook_point(
+            self.family, transcoders.feature_output_hook, write=True
+        ).module
         self.dtype = next(model.parameters()).dtype
-        transcoders.to(self.dtype)
+        self.transcoders = _in_dtype(transcoders, self.dtype)
+        self._wrapping: Wrapping | None = Wrapping.acquire(model, self.family)
+        self.freezer = self._wrapping.freezer
         self.softcap = (
             getattr(model.config, self.family.final_softcap_attr, None)
             if self.family.final_softcap_attr
             else None
         )
+
+    def close(self) -> None:
+        """Stop using the model; the last ReplacementModel of a model restores it. Idempotent."""
+        if self._wrapping is not None:
+            self._wrapping.release()
+            self._wrapping = None
+
+    def __enter__(self) -> ReplacementModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._wrapping is None
+
+    def _open_wrapping(self) -> Wrapping:
+        if self._wrapping is None:
+            raise RuntimeError(
+                "this ReplacementModel is closed (close() gave the model back as it was); "
+                "make a new ReplacementModel to trace it again"
+            )
+        return self._wrapping
+
+    @property
+    def envoy(self):
+        """The NNSight envoy of the decoder stack (use it inside `traced_pass`)."""
+        return self._open_wrapping().envoy
+
+    @contextlib.contextmanager
+    def traced_pass(
+        self,
+        attention: str = "off",
+        norms: str | None = None,
+        recording: Recording | None = None,
+    ) -> Iterator[None]:
+        """Hold around every `envoy.trace`: one pass at a time per model, frozen per the modes.
+
+        Modes as `Freezer.frozen` (tracer.model.freezing), for this thread only; "record" writes
+        the pass's patterns and scales into `recording`, "replay" reads them from it.
+        """
+        wrapping = self._open_wrapping()
+        with wrapping.lock, self.freezer.frozen(attention, norms, recording):
+            yield
 
     @classmethod
     def from_pretrained(
@@ -215,12 +288,44 @@ class ReplacementModel:
         envoy = get_module(self.envoy, self.family.layers)[layer]
         return get_module(envoy, name)
 
-    def _read_envoy(self, layer: int):
-        module = self._layer_module(layer, self.read_module)
-        return module.input if self.read_side == "input" else module.output
+    def _read_envoy(self, layer: int, scale: torch.Tensor | None = None):
+        """Inside a trace: what layer's transcoder reads. A normalising read point uses the norm
+        scale `scale` (n_prompt, 1) at the prompt's positions (frozen norms), else the live one."""
+        value = self._read_point_envoy(layer)
+        if self.read_point.normalized:
+            value, _ = self._normalize(layer, value, scale)
+        return value
+
+    def _read_point_envoy(self, layer: int):
+        """Inside a trace: the read point's module input or output, before any normalisation."""
+        module = self._layer_module(layer, self.read_point.module)
+        return module.input if self.read_point.side == "input" else module.output
+
+    def _normalize(self, layer: int, x: torch.Tensor, scale: torch.Tensor | None = None):
+        norm = get_module(self.layers[layer], self.read_point.module)
+        return normalize(x, self.family.norm_style, norm_eps(norm), scale)
+
+    def _read_scale(self, state: PromptState, layer: int) -> torch.Tensor | None:
+        """The recorded scale of layer's normalising read (None for other read points)."""
+        return state.read_scales[layer] if state.read_scales is not None else None
 
     def _embed_envoy(self):
         return get_module(self.envoy, self.family.embed_out)
+
+    def _token_envoy(self):
+        return get_module(self.envoy, self.family.embed_tokens)
+
+    def _embed_with_token_scale(self, token_scale: torch.Tensor) -> None:
+        """Inside a trace: scale the token embedding at each position by token_scale (B, n_pos, 1),
+        the rest of the residual stream entering layer 0 (GPT-2's position embedding) unchanged."""
+        if bool((token_scale == 1).all()):
+            return
+        embed = self._embed_envoy()
+        if self.family.embed_tokens == self.family.embed_out:
+            embed.output = embed.output * token_scale
+        else:
+            tokens = self._token_envoy().output  # runs before embed_out
+            embed.output = embed.output + (token_scale - 1) * tokens
 
     def _replace_mlp(self, layer: int, value) -> None:
         """Inside a trace: the MLP block of `layer` writes `value` and is not computed at all."""
@@ -236,18 +341,21 @@ class ReplacementModel:
     def run_prompt(self, input_ids: torch.Tensor, *, zero_bos: bool = True) -> PromptState:
         """Clean forward of one prompt; records patterns and norm scales for later replay."""
         ts = self.transcoders
-        self.freezer.set_mode("record")
-        try:
+        recording = Recording()
+        with self.traced_pass("record", recording=recording):
             reads, outputs = [], []
             with self.envoy.trace(input_ids[None]):
+                tokens = self._token_envoy().output.save()
                 embeddings = self._embed_envoy().output.save()
-                for layer in range(self.n_layers):
-                    reads.append(self._read_envoy(layer).save())
+                for layer in range(self.n_layers):  # normalised reads: below, with their scale
+                    reads.append(self._read_point_envoy(layer).save())
                     outputs.append(self._layer_module(layer, self.write_module).output.save())
                 final = self.envoy.output[0].save()
-        finally:
-            self.freezer.set_mode("off")
         reads = [r[0] for r in reads]
+        scales = None
+        if self.read_point.normalized:
+            normalized = [self._normalize(layer, read) for layer, read in enumerate(reads)]
+            reads, scales = [n[0] for n in normalized], [n[1] for n in normalized]
         outputs = [o[0] for o in outputs]
         activations = [ts.encode(layer, reads[layer]) for layer in range(self.n_layers)]
         errors = [
@@ -262,12 +370,15 @@ class ReplacementModel:
         return PromptState(
             input_ids=input_ids,
             embeddings=embeddings[0],
+            token_embeddings=tokens[0],
             reads=reads,
             mlp_outputs=outputs,
             activations=activations,
             errors=errors,
             final_hidden=final[0],
             logits=self.logits_from_hidden(final[0]),
+            read_scales=scales,
+            recording=recording,
         )
 
     def linear_forward(
@@ -286,8 +397,7 @@ class ReplacementModel:
         shape = (batch, state.n_pos, self.d_model)
         # same prompt as the recorded one: replaying its patterns and scales gives the same values
         # with no gradient through them, and saves no batch-sized buffers for the backward
-        self.freezer.set_mode("replay")
-        try:
+        with self.traced_pass("replay", recording=state.recording):
             reads, writes = [], []
             with self.envoy.trace(ids):
                 # expanded views of single-copy leaves: gradients w.r.t. them are per batch
@@ -295,20 +405,21 @@ class ReplacementModel:
                 embed = state.embeddings.detach().requires_grad_(True).expand(shape).save()
                 self._embed_envoy().output = embed
                 for layer in range(self.n_layers):
-                    read = self._read_envoy(layer).save()
+                    read = self._read_envoy(layer, self._read_scale(state, layer)).save()
                     skip_clean = ts.skip(layer, state.reads[layer]) if ts.has_skip else 0
                     constant = state.mlp_outputs[layer] - skip_clean
                     write = constant.detach().requires_grad_(True).expand(shape).save()
                     self._replace_mlp(layer, write + ts.skip(layer, read) if ts.has_skip else write)
-                    if not keep_values and self.read_module == self.family.mlp:
-                        # the MLP's input feeds nothing now that the MLP is skipped: only its
+                    if not keep_values and (
+                        self.read_point.normalized or self.read_point.module == self.family.mlp
+                    ):
+                        # the MLP's input (or a normalised read, computed here for the
+                        # transcoder alone) feeds nothing now that the MLP is skipped: only its
                         # place in the graph is needed, so its memory goes at once
                         read.untyped_storage().resize_(0)
                     reads.append(read)
                     writes.append(write)
                 final = self.envoy.output[0].save()
-        finally:
-            self.freezer.set_mode("off")
         if not keep_values:  # the rest of the read points and the final state, all at once
             for output in (*reads, final):
                 output.untyped_storage().resize_(0)
@@ -319,6 +430,14 @@ class ReplacementModel:
             final_hidden=final,
             leaves=[t._base for t in (embed, *writes)],
         )
+
+
+def _in_dtype(transcoders: TranscoderSet, dtype: torch.dtype) -> TranscoderSet:
+    """The set itself when it is in `dtype`, else a copy cast to it (the given set is unchanged)."""
+    if transcoders.dtype == dtype:
+        return transcoders
+    # a new dict of layers: `to` replaces its entries, and the caller's dict keeps its own
+    return dataclasses.replace(transcoders, _layers=dict(transcoders._layers)).to(dtype)
 
 
 @dataclass

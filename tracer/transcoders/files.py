@@ -40,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tracer.hub import HfRef, cached_commit, is_hf_uri, parse_hf_uri, resolve_repo_path
+from tracer.model.families import check_hook
 from tracer.transcoders.sets import ACTIVATIONS, LayerWeights, TranscoderSet
 
 CONFIG_FILE = "config.yaml"
@@ -291,6 +292,10 @@ def _read_config(folder: _Folder) -> dict:
     for key in ("feature_input_hook", "feature_output_hook"):
         if not isinstance(config.get(key), str):
             raise TranscoderFileError(f"{path}: {key} must be a hook name, got {config.get(key)!r}")
+        try:  # early, before any weights are fetched
+            check_hook(config[key], write=key == "feature_output_hook")
+        except ValueError as error:
+            raise TranscoderFileError(f"{path}: {error}") from None
     return config
 
 
