@@ -1,8 +1,9 @@
 """Adjacency entries equal real direct-effect interventions, for every family x transcoder kind.
 
 The adjacency comes from one backward pass per batch of targets (tracer.attribution.attribute); the check runs
-the frozen model *forward* with one source removed (tracer.interventions.intervene.direct_effect_run, which
-replays recorded attention queries/keys and norm scales) and reads every target's change:
+the frozen model *forward* with one source removed (tracer.testing.direct_run: the
+real direct-mode intervention, `run_with_changes(mode="direct")`, which replays the prompt's
+attention patterns, norm scales and MLP outputs) and reads every target's change:
 feature pre-activations (encoder row . read vector) and demeaned logits. Removing source s changes
 target t by exactly -A[t, s].
 
@@ -14,14 +15,15 @@ import torch
 
 from tracer.attribution.attribute import attribute
 from tracer.graph.graph import LogitTarget
-from tracer.interventions.intervene import (
-    ErrorChange,
-    FeatureChange,
-    TokenChange,
-    direct_effect_run,
-)
+from tracer.interventions.intervene import ErrorChange, FeatureChange, TokenChange
 from tracer.model.replacement import ReplacementModel
-from tracer.testing import FIXTURE_FAMILIES, TRANSCODER_KINDS, build_model, build_transcoders
+from tracer.testing import (
+    FIXTURE_FAMILIES,
+    TRANSCODER_KINDS,
+    build_model,
+    build_transcoders,
+    direct_run,
+)
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -77,8 +79,8 @@ def sample_columns(graph, n_features=24):
 
 def assert_columns_match_interventions(rm, graph, columns, tolerance):
     state = rm.run_prompt(graph.input_tokens)
-    clean = direct_effect_run(rm, state, [[]])
-    run = direct_effect_run(rm, state, [[source_change(graph, c)] for c in columns])
+    clean = direct_run(rm, state, [[]])
+    run = direct_run(rm, state, [[source_change(graph, c)] for c in columns])
     base = target_values(rm, graph, clean, 0)
     layout = graph.layout
     target_rows = list(range(layout.n_features)) + list(
@@ -152,7 +154,7 @@ def test_logit_rows_sum_to_demeaned_logit(family):
         ),
         *(TokenChange(pos, 0.0) for pos in range(state.n_pos)),
     ]
-    off = direct_effect_run(rm, state, [everything_off])
+    off = direct_run(rm, state, [everything_off])
     directions = unembed_directions(rm, graph)
     bias = off.final_hidden[0, -1] @ directions.T
     with torch.no_grad():

@@ -21,11 +21,10 @@ import torch
 from test_families import reference_norm
 
 from tracer.attribution.attribute import attribute
-from tracer.interventions.intervene import direct_effect_run
 from tracer.model.families import get_module
 from tracer.model.freezing import MODES, Freezer, Recording
 from tracer.model.replacement import ReplacementModel
-from tracer.testing import FIXTURE_FAMILIES, build_model, build_transcoders
+from tracer.testing import FIXTURE_FAMILIES, build_model, build_transcoders, direct_run
 
 IDS = torch.tensor([[0, 5, 9, 17, 3, 22, 41, 8, 30, 11]])  # longer than gemma2's sliding window
 OTHER_IDS = torch.tensor([[0, 12, 40, 6, 33, 2, 19, 27, 50, 14]])
@@ -319,11 +318,11 @@ def test_a_state_replays_its_own_prompt_after_another_was_recorded(setup: Setup)
     rm = setup.rm
     first = rm.run_prompt(IDS[0], zero_bos=False)
     alone = rm.linear_forward(first, 1).final_hidden[0].detach()
-    alone_direct = direct_effect_run(rm, first, [[]]).final_hidden[0]
+    alone_direct = direct_run(rm, first, [[]]).final_hidden[0]
     second = rm.run_prompt(OTHER_IDS[0], zero_bos=False)
     assert (second.final_hidden - first.final_hidden).abs().max() > 1e-3
     after = rm.linear_forward(first, 1).final_hidden[0].detach()
-    direct = direct_effect_run(rm, first, [[]]).final_hidden[0]
+    direct = direct_run(rm, first, [[]]).final_hidden[0]
     assert torch.equal(after, alone) and torch.equal(direct, alone_direct)
     torch.testing.assert_close(after, first.final_hidden, rtol=0, atol=1e-10)
     torch.testing.assert_close(direct, first.final_hidden, rtol=0, atol=1e-10)

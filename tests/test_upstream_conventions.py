@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from tracer.attribution.attribute import attribute
-from tracer.interventions.intervene import TokenChange, direct_effect_run
+from tracer.interventions.intervene import TokenChange
 from tracer.model.families import family_for, get_module
 from tracer.model.replacement import ReplacementModel
-from tracer.testing import FIXTURE_FAMILIES, build_model, build_transcoders
+from tracer.testing import FIXTURE_FAMILIES, build_model, build_transcoders, direct_run
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
 IDS = torch.tensor([0, *PROMPT])  # the start token the replacement model prepends
@@ -122,7 +122,7 @@ def test_frozen_hook_normalized_read_times_the_weight_is_the_frozen_norm_output(
     norms = {f"{i}": get_module(layer, fam.pre_mlp_norm) for i, layer in enumerate(layers)}
     capture = Capture(norms)
     try:
-        run = direct_effect_run(rm, state, [[TokenChange(3, 0.0)]])
+        run = direct_run(rm, state, [[TokenChange(3, 0.0)]])
     finally:
         capture.remove()
     for i, norm in enumerate(norms.values()):
@@ -228,8 +228,8 @@ def test_gpt2_token_edges_are_the_token_embedding_alone(read_hook):
 
     # a real intervention: remove each token's embedding in the frozen direct-effect model
     state = rm.run_prompt(graph.input_tokens)
-    clean = direct_effect_run(rm, state, [[]])
-    run = direct_effect_run(rm, state, [[TokenChange(p, 0.0)] for p in range(graph.n_pos)])
+    clean = direct_run(rm, state, [[]])
+    run = direct_run(rm, state, [[TokenChange(p, 0.0)] for p in range(graph.n_pos)])
     features = graph.active_features[graph.selected_features]
 
     def targets(r, b):

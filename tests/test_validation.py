@@ -20,7 +20,7 @@ import torch
 
 from tracer.attribution.attribute import attribute
 from tracer.graph.graph import Graph, LogitTarget
-from tracer.interventions.intervene import FeatureChange, direct_effect_run
+from tracer.interventions.intervene import FeatureChange
 from tracer.interventions.validation import (
     ROW_FIELDS,
     predicted_effects,
@@ -31,7 +31,7 @@ from tracer.interventions.validation import (
     validate_graph,
 )
 from tracer.model.replacement import ReplacementModel
-from tracer.testing import build_model, build_tokenizer, build_transcoders
+from tracer.testing import build_model, build_tokenizer, build_transcoders, direct_run
 
 PROMPT = "the capital of the state containing Dallas is"
 N_LAYERS = 3
@@ -124,7 +124,7 @@ def _linear_propagation(rm: ReplacementModel, graph: Graph, nodes: torch.Tensor)
     directions = torch.stack(
         [unembed[t.token_ids[0]] - unembed.mean(0) for t in graph.logit_targets]
     )
-    clean = direct_effect_run(rm, state, [[]])
+    clean = direct_run(rm, state, [[]])
     deltas = torch.zeros(len(nodes), features.shape[0], dtype=torch.float64)
     for _ in range(N_LAYERS + 1):  # layer l's features are exact after l + 1 runs
         batch = []
@@ -135,7 +135,7 @@ def _linear_propagation(rm: ReplacementModel, graph: Graph, nodes: torch.Tensor)
                 lay, p, f = features[t].tolist()
                 changes.append(FeatureChange(lay, p, f, value=float(activations[t] + deltas[b, t])))
             batch.append(changes)
-        run = direct_effect_run(rm, state, batch)
+        run = direct_run(rm, state, batch)
         reads = run.reads[:, features[:, 0], features[:, 1]]  # (B, n_f, d_model)
         base = clean.reads[:, features[:, 0], features[:, 1]]
         deltas = torch.einsum("bnd,nd->bn", reads - base, encoders)

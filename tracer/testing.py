@@ -181,3 +181,15 @@ def calibrate_sparsity(model, transcoders: TranscoderSet, sample_ids: torch.Tens
     for i in range(transcoders.n_layers):
         pre = transcoders.pre_activations(i, torch.cat(reads[i]))
         transcoders.layer(i).threshold = pre.float().quantile(1 - density, dim=0).to(pre.dtype)
+
+
+def direct_run(model, state, batch):
+    """Direct-effect interventions (`run_with_changes` in "direct" mode) of each change set on
+    the prompt of `state`, with every layer's reads and the final hidden state: what the
+    exactness tests compare attribution's adjacency with."""
+    from tracer.interventions.intervene import run_with_changes
+
+    ids = state.input_ids[None].expand(len(batch), -1)
+    return run_with_changes(
+        model, state, ids, batch, mode="direct", with_activations=False, with_reads=True
+    )

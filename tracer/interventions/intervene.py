@@ -103,20 +103,14 @@ def _positions(
 
 
 @dataclass
-class DirectRun:
-    reads: torch.Tensor  # (batch, n_layers, n_pos, d_model): what each transcoder reads
-    final_hidden: torch.Tensor  # (batch, n_pos, d_model)
-
-    def feature_pre_activations(self, model: ReplacementModel, layer: int) -> torch.Tensor:
-        """(batch, n_pos, d_transcoder) pre-activations of layer's features."""
-        return model.transcoders.pre_activations(layer, self.reads[:, layer])
-
-
-@dataclass
 class InterventionResult:
     logits: torch.Tensor  # (batch, n_pos, vocab) after the intervention
     activations: list[torch.Tensor]  # per layer, sparse (batch, n_pos, d_transcoder)
     clean_logits: torch.Tensor  # (n_pos, vocab)
+    # with `with_reads`: what each layer's transcoder reads (batch, n_layers, n_pos, d_model) and
+    # the final hidden state (batch, n_pos, d_model), before the final norm's logits and soft-cap
+    reads: torch.Tensor | None = None
+    final_hidden: torch.Tensor | None = None
 
     def top_logits(self, k: int = 5, batch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, token ids) of the top k tokens at the last position."""
@@ -158,34 +152,6 @@ def _written_layers(model: ReplacementModel, layer: int) -> range:
 
 
 @torch.no_grad()
-def direct_effect_run(
-    model: ReplacementModel, state: PromptState, batch: Sequence[Sequence[Change]]
-) -> DirectRun:
-    """Run the frozen model once per change set (batched) and return what the targets read."""
-    if not batch:
-        raise ValueError("no intervention sets given")
-    for changes in batch:
-        check_changes(model, state.n_pos, changes)
-    ts = model.transcoders
-    token_scale, write_delta = _write_deltas(model, state, batch, state.n_pos)
-    ids = state.input_ids[None].expand(len(batch), -1)
-    with model.traced_pass("replay", recording=state.recording):
-        reads = []
-        with model.envoy.trace(ids):
-            token_delta = (token_scale - 1) * state.token_embeddings
-            model._embed_envoy().output = state.embeddings + token_delta
-            for layer in range(model.n_layers):
-                read = model._read_envoy(layer, model._read_scale(state, layer)).save()
-                constant = state.mlp_outputs[layer] + write_delta[:, layer]
-                if ts.has_skip:
-                    constant = constant - ts.skip(layer, state.reads[layer]) + ts.skip(layer, read)
-                model._replace_mlp(layer, constant)
-                reads.append(read)
-            final = model.envoy.output[0].save()
-    return DirectRun(reads=torch.stack(reads, dim=1), final_hidden=final)
-
-
-@torch.no_grad()
 def run_with_changes(
     model: ReplacementModel,
     state: PromptState,
@@ -194,12 +160,15 @@ def run_with_changes(
     mode: str = "full",
     on_new_tokens: bool = False,
     with_activations: bool = True,
+    with_reads: bool = False,
 ) -> InterventionResult:
     """One forward of `ids` (B, n_pos), whose first `state.n_pos` tokens are the prompt, with
     change set b applied to row b. Positions past the prompt run live in every mode.
 
     `with_activations=False` skips encoding every feature of every layer (the costly part for large
     sets): only the changed features are evaluated, and `activations` comes back empty.
+    `with_reads=True` also returns every layer's read vectors and the final hidden state: in direct
+    mode, what attribution's targets read (the exactness tests compare the adjacency with them).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -213,6 +182,7 @@ def run_with_changes(
     token_scale, direct_writes = _write_deltas(model, state, batch, n_pos)
     pending = torch.zeros_like(direct_writes)  # live modes: decoded changes per written layer
     activations = []
+    reads = []  # with_reads: (B, n_pos, d_model) per layer
     has_errors = any(isinstance(c, ErrorChange) for cs in batch for c in cs)
     encode_all = with_activations or has_errors
     frozen_norms = _FREEZING[mode][1] == "replay"
@@ -225,6 +195,8 @@ def run_with_changes(
                 read = model._read_envoy(
                     layer, model._read_scale(state, layer) if frozen_norms else None
                 )
+                if with_reads:
+                    reads.append(read.save())
                 acts = ts.encode(layer, read) if encode_all else None  # (B, n_pos, d_transcoder)
                 if has_errors:  # unchanged copies: the live error is measured on them
                     acts_so_far.append(acts.clone())
@@ -263,7 +235,13 @@ def run_with_changes(
                     activations.append(acts.to_sparse())
             final = model.envoy.output[0].save()
     logits = model.logits_from_hidden(final)
-    return InterventionResult(logits=logits, activations=activations, clean_logits=state.logits)
+    return InterventionResult(
+        logits=logits,
+        activations=activations,
+        clean_logits=state.logits,
+        reads=torch.stack(reads, dim=1) if with_reads else None,
+        final_hidden=final if with_reads else None,
+    )
 
 
 def _decode_changes(
