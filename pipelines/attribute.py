@@ -55,16 +55,9 @@ def attribute_prompt(
     graphs: list[Graph] = []
     growth = peak_growth(
         lambda: graphs.append(
+            # params.yaml's `attribution:` keys are `attribute`'s own keyword arguments
             attribute(
-                spec.text,
-                model,
-                max_n_logits=settings.max_n_logits,
-                desired_logit_prob=settings.desired_logit_prob,
-                targets=spec.targets,
-                batch_size=settings.batch_size,
-                max_feature_nodes=settings.max_feature_nodes,
-                adjacency_dtype=settings.adjacency_dtype,
-                progress=False,
+                spec.text, model, targets=spec.targets, progress=False, **settings.model_dump()
             )
         )
     )

@@ -58,3 +58,18 @@ def test_bad_params_name_the_key(tmp_path, edit, message):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="params.yaml"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_attribution_keys_are_attribute_keyword_arguments():
+    """The attribute stage passes `attribution:` through as keyword arguments."""
+    import inspect
+
+    from tracer.attribution.attribute import attribute
+    from tracer.experiments.params import AttributionParams
+
+    keywords = {
+        name
+        for name, p in inspect.signature(attribute).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    assert set(AttributionParams.model_fields) <= keywords

@@ -39,6 +39,9 @@ class PromptSpec(_Strict):
 
 
 class AttributionParams(_Strict):
+    """Keyword arguments of `tracer.attribute`, by the same names (the attribute stage passes them
+    through)."""
+
     max_feature_nodes: int | None = Field(None, ge=1)
     batch_size: int = Field(256, ge=1)
     max_n_logits: int = Field(10, ge=1)
