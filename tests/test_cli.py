@@ -240,13 +240,13 @@ def test_attribute_rejects_bad_input(
 BAD_OPTIONS = {
     "--max-feature-nodes 0": (
         ["--max-feature-nodes", "0"],
-        "--max-feature-nodes must be >= 1, got 0",
+        "--max-feature-nodes must be an integer >= 1, got 0",
     ),
     "--max-feature-nodes 2.5": (
         ["--max-feature-nodes", "2.5"],
-        "--max-feature-nodes must be an integer, got '2.5'",
+        "--max-feature-nodes must be an integer >= 1, got '2.5'",
     ),
-    "--batch-size -1": (["--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
+    "--batch-size -1": (["--batch-size", "-1"], "--batch-size must be an integer >= 1, got -1"),
     "--desired-logit-prob 2": (
         ["--desired-logit-prob", "2"],
         "--desired-logit-prob must be in [0, 1], got 2.0",

@@ -12,30 +12,27 @@ DTYPES = ("float32", "bfloat16", "float64")
 ADJACENCY_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def fraction(name: str):
-    def parse(text: str) -> float:
+def _checked(name: str, cast: type, valid, what: str):
+    """An argparse type: `cast` the text, then require `valid(value)`; errors say what is valid."""
+
+    def parse(text: str):
         try:
-            value = float(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text!r}") from None
-        if not 0 <= value <= 1:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {value}")
         return value
 
     return parse
+
+
+def fraction(name: str):
+    return _checked(name, float, lambda value: 0 <= value <= 1, "in [0, 1]")
 
 
 def positive(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
-        return value
-
-    return parse
+    return _checked(name, int, lambda value: value >= 1, "an integer >= 1")
 
 
 def _parent() -> argparse.ArgumentParser:
