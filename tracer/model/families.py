@@ -174,9 +174,17 @@ def normalize(
     x (..., n_pos, d_model): `(x - mean) * rsqrt(var + eps)` for LayerNorm, `x * rsqrt(mean(x^2)
     + eps)` for RMSNorm (Gemma's `1 + w` is the weight: not applied). `scale` (n, 1), if given, is
     used at the first n positions (a frozen prompt: linear in x, no gradient through it), the live
-    scale elsewhere. Computed in float32 or wider, returned in x's dtype with the scale used
-    (..., n_pos, 1).
+    scale elsewhere. Returned in x's dtype, with the scale used (..., n_pos, 1).
     """
+    normed, scale = normalize_wide(x, style, eps, scale)
+    return normed.to(x.dtype), scale
+
+
+def normalize_wide(
+    x: torch.Tensor, style: str, eps: float, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`normalize` computed and returned in float32 or wider: the one formula of a norm's scale,
+    shared with the frozen norms' forward (tracer.model.freezing), which applies the weight."""
     assert style in NORM_STYLES, style
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     if style == "layernorm":
@@ -190,7 +198,7 @@ def normalize(
         if scale is not None:  # generation: positions after the frozen prompt are live
             live[..., : scale.shape[-2], :] = scale.to(live.dtype)
         scale = live
-    return (xf * scale.to(xf.dtype)).to(x.dtype), scale
+    return xf * scale.to(xf.dtype), scale
 
 
 def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:

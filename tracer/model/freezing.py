@@ -44,7 +44,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from tracer.model.families import Family, get_module
+from tracer.model.families import Family, get_module, norm_eps, normalize_wide
 
 MODES = ("off", "detach", "record", "replay")
 PREFIX = "tracer_frozen_"
@@ -164,33 +164,21 @@ def _frozen_norm_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tens
     if mode == "off":
         return type(module).forward(module, x)
     style = current.freezer.family.norm_style
-    eps = getattr(module, "eps", None)
-    if eps is None:
-        eps = module.variance_epsilon
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    if style == "layernorm":
-        xf = xf - xf.mean(-1, keepdim=True)
-    if mode == "replay":
+    recorded = None
+    if mode == "replay":  # on a longer input (generation) the positions past it run live
         name = current.freezer.norm_name(module)
-        scale = _replayed(current.recording.scales.get(name), x.shape[-2], f"norm {name}")
-        if scale.shape[-2] < x.shape[-2]:  # generation: positions after the prompt are live
-            with torch.no_grad():
-                live = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            live[..., : scale.shape[-2], :] = scale.to(live.dtype)
-            scale = live
-    else:
-        with torch.no_grad():
-            scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        if mode == "record":
-            current.recording.scales[current.freezer.norm_name(module)] = scale
-    normed = xf * scale.to(xf.dtype)
+        recorded = _replayed(current.recording.scales.get(name), x.shape[-2], f"norm {name}")
+    # float32 or wider: the weight is applied at that precision
+    normed, scale = normalize_wide(x, style, norm_eps(module), recorded)
+    if mode == "record":
+        current.recording.scales[current.freezer.norm_name(module)] = scale
     if style == "layernorm":
-        out = normed * module.weight.to(xf.dtype)
+        out = normed * module.weight.to(normed.dtype)
         if module.bias is not None:
-            out = out + module.bias.to(xf.dtype)
+            out = out + module.bias.to(normed.dtype)
         return out.to(x.dtype)
     if style == "rms_one_plus":
-        return (normed * (1.0 + module.weight.to(xf.dtype))).to(x.dtype)
+        return (normed * (1.0 + module.weight.to(normed.dtype))).to(x.dtype)
     return module.weight * normed.to(x.dtype)
 
 
