@@ -530,7 +530,19 @@ def test_queued_experiments_in_parallel_log_every_run(built: Built, tmp_path: Pa
         )
     assert list(queue_rows(clone, env).values()) == ["Queued"] * len(thresholds)
     try:
-        run(clone, "dvc", "queue", "start", "-j", str(len(thresholds)), env=env)
+        # The workers it spawns inherit its stdout: not a pipe, or waiting for the command's output
+        # waits for the workers too (a worker that lingers after "shutting down due to empty
+        # queue" then hangs the test); the queue's status below says how they did.
+        subprocess.run(
+            ("dvc", "queue", "start", "-j", str(len(thresholds))),
+            cwd=clone,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+            check=True,
+        )
         deadline = time.monotonic() + 300
         rows = queue_rows(clone, env)
         while {"Queued", "Running"} & set(rows.values()) and time.monotonic() < deadline:
