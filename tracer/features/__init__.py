@@ -1,0 +1,1 @@
+"""Feature pages and labels: what each transcoder feature responds to and what it promotes."""
