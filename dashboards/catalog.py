@@ -4,7 +4,10 @@
   pruning_curve.png}` (prune stage): a profile is viewable once it has a pruned prompt;
 - `graphs/PROFILE/PROMPT.safetensors` (attribute stage): the full graph, re-pruned on demand;
 - `validation/PROFILE/PROMPT.json` (validate stage), `runs/PROFILE.json` (timings);
-- `compare/{scores,sizes,layers,matching}.csv`, `summary.json` (compare stage).
+- `compare/{scores,sizes,layers,matching}.csv`, `summary.json` (compare stage);
+- `features/SET/index.json` and its layers (features@SET stage): the feature pages of a
+  transcoder set, found for a profile by the set's identity; human labels in `labels/SET.tsv`
+  beside the outputs folder (the repository's `labels/` for `outputs/`).
 
 Whatever is missing raises `MissingOutputs`, whose message names the command that writes it.
 No Streamlit here.
@@ -20,9 +23,13 @@ from pathlib import Path
 import pandas as pd
 
 from tracer.experiments import outputs as paths
+from tracer.experiments import pages
+from tracer.experiments.params import load_params
 
 DEFAULT_OUTPUTS = "outputs"
 ENV_OUTPUTS = "TRACER_OUTPUTS"
+ENV_EDIT_LABELS = "TRACER_EDIT_LABELS"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 COMPARE_DIR = "compare"
 SUMMARY_FILE = "summary.json"
 COMPARE_TABLES = ("scores", "sizes", "layers", "matching")
@@ -33,16 +40,32 @@ class MissingOutputs(Exception):
     """A file or folder the pipeline writes is absent; the message says which command writes it."""
 
 
-def resolve_outputs(argv: Sequence[str], environ: Mapping[str, str]) -> Path:
-    """The outputs folder: `--outputs PATH` in argv, else $TRACER_OUTPUTS, else `outputs`.
-
-    `argv` is the script's arguments (what follows `--` in `streamlit run app.py -- ...`);
-    other arguments are ignored.
-    """
+def _script_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """The app's own arguments (what follows `--` in `streamlit run app.py -- ...`); others are
+    ignored."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--outputs", default=None)
-    known, _ = parser.parse_known_args(list(argv))
-    return Path(known.outputs or environ.get(ENV_OUTPUTS) or DEFAULT_OUTPUTS)
+    parser.add_argument("--edit-labels", action="store_true")
+    return parser.parse_known_args(list(argv))[0]
+
+
+def resolve_outputs(argv: Sequence[str], environ: Mapping[str, str]) -> Path:
+    """The outputs folder: `--outputs PATH` in argv, else $TRACER_OUTPUTS, else `outputs`."""
+    return Path(_script_arguments(argv).outputs or environ.get(ENV_OUTPUTS) or DEFAULT_OUTPUTS)
+
+
+def label_editing(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
+    """Whether feature labels may be edited: `--edit-labels` in argv, else $TRACER_EDIT_LABELS
+    (1/true/yes/on or 0/false/no/off/empty, any case); read-only by default."""
+    if _script_arguments(argv).edit_labels:
+        return True
+    value = environ.get(ENV_EDIT_LABELS, "").strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ValueError(
+        f"${ENV_EDIT_LABELS} must be one of {sorted(_TRUE)} (edit) or {sorted(_FALSE - {''})} "
+        f"or empty (read-only), got {environ[ENV_EDIT_LABELS]!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -255,3 +278,55 @@ def filter_rows(table: pd.DataFrame, profiles: list[str], prompts: list[str]) ->
         if column in table.columns:
             mask &= table[column].isin(profiles)
     return table[mask]
+
+
+# ---- feature pages and labels -------------------------------------------------------------------
+@dataclass(frozen=True)
+class PageSet:
+    """A transcoder set's feature pages (stage features@NAME) and its human labels file."""
+
+    name: str
+    folder: Path  # ROOT/features/NAME, holding index.json
+    labels: Path  # labels/NAME.tsv beside the outputs folder; absent until a label is written
+
+
+def project_folder(root: Path) -> Path:
+    """The folder holding the outputs folder (the repository, for `outputs/`): where `labels/`
+    and params.yaml are, and where profile.json's relative transcoder paths start."""
+    return Path(root).parent
+
+
+def labels_folder(root: Path) -> Path:
+    """Where human labels live: `labels/` beside the outputs folder."""
+    return project_folder(root) / "labels"
+
+
+def find_pages(root: Path, profile: Profile) -> PageSet:
+    """The feature pages of the profile's transcoder set (the pipeline's rule,
+    `tracer.experiments.pages.find_pages`); MissingOutputs naming the stage that writes them."""
+    root = Path(root)
+    folder = pages.find_pages(root, profile.name, profile.info)
+    if folder is not None:
+        return PageSet(folder.name, folder, paths.labels_path(folder.name, labels_folder(root)))
+    source = pages.transcoder_identity(root, profile.name, profile.info)[0]
+    raise MissingOutputs(
+        f"No feature pages for the transcoders of {profile.name} ({source}) under "
+        f"`{root / 'features'}`: {_pages_command(root, profile.name)}."
+    )
+
+
+def _pages_command(root: Path, profile: str) -> str:
+    """What writes a profile's pages, named from params.yaml beside the outputs folder."""
+    try:
+        name = load_params(project_folder(root) / "params.yaml").feature_set(profile)
+    except (FileNotFoundError, ValueError, KeyError):
+        return (
+            "run `dvc repro features@SET`, SET being the entry of params.yaml `features.sets` "
+            "for this profile's transcoders"
+        )
+    if name is None:
+        return (
+            f"add `NAME: {profile}` under `features.sets` in params.yaml, then run "
+            "`dvc repro features@NAME`"
+        )
+    return f"run `dvc repro features@{name}`"

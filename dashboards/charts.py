@@ -19,6 +19,7 @@ from dashboards.layout import (
 
 KIND_COLOURS = {"token": "#7f7f7f", "feature": "#4c78a8", "error": "#f58518", "logit": "#54a24b"}
 SIGN_COLOURS = {"positive": "#2c7bb6", "negative": "#d7191c"}
+HISTOGRAM_COLOUR = "#b279a2"
 NODE_SELECTION = "node"  # name of the click selection on the nodes layer
 
 
@@ -124,7 +125,7 @@ def graph_chart(
                 alt.Tooltip("node_id:N"),
                 alt.Tooltip("influence:Q", format=".4f"),
                 alt.Tooltip("activation:Q", format=".3f"),
-                alt.Tooltip("clerp:N"),
+                alt.Tooltip("label:N"),
             ],
         )
         .add_params(selection)
@@ -238,4 +239,23 @@ def profile_lines(table: pd.DataFrame, x: str, y: str) -> alt.Chart:
             tooltip=["profile:N", "prompt:N", f"{x}:Q", alt.Tooltip(f"{y}:Q", format=".4f")],
         )
         .properties(height=300)
+    )
+
+
+def histogram_chart(bins: list[dict]) -> alt.Chart:
+    """A feature's activation histogram (`features.histogram_rows`): active tokens per bin."""
+    return (
+        alt.Chart(pd.DataFrame(bins, columns=["start", "end", "count"]))
+        .mark_bar(color=HISTOGRAM_COLOUR)
+        .encode(
+            x=alt.X("start:Q", bin="binned", title="activation"),
+            x2="end:Q",
+            y=alt.Y("count:Q", title="tokens"),
+            tooltip=[
+                alt.Tooltip("start:Q", format=".3f"),
+                alt.Tooltip("end:Q", format=".3f"),
+                "count:Q",
+            ],
+        )
+        .properties(height=180)
     )

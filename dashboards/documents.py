@@ -90,6 +90,12 @@ def describe_node(node: dict, tokens: list[str]) -> str:
     return node.get("clerp") or f"logit {node['feature']}"
 
 
+def node_label(node: dict) -> str:
+    """What a node is labelled with: its feature label (`features.with_labels`), else the
+    document's `clerp` (the prune stage's label; `Output "TOKEN" (p=...)` for logits)."""
+    return node.get("label") or node.get("clerp") or ""
+
+
 def node_table(document: dict) -> list[dict]:
     """Every node with its description, sorted by influence (logits by probability) descending."""
     tokens = prompt_tokens(document)
@@ -98,6 +104,7 @@ def node_table(document: dict) -> list[dict]:
             "node_id": n["node_id"],
             "kind": node_kind(n),
             "description": describe_node(n, tokens),
+            "label": node_label(n),
             "layer": n["layer"],
             "ctx_idx": n["ctx_idx"],
             "feature": n.get("feature"),
@@ -113,7 +120,8 @@ def node_table(document: dict) -> list[dict]:
 def strongest_links(document: dict, node_id: str, k: int = 10) -> tuple[list[dict], list[dict]]:
     """(incoming, outgoing) links of a node, the k largest by |weight| each, largest first.
 
-    Rows: `node_id` (the other end), `description`, `weight` (direct effect, target's units).
+    Rows: `node_id` (the other end), `description`, `label`, `weight` (direct effect, target's
+    units).
     """
     tokens = prompt_tokens(document)
     by_id = {n["node_id"]: n for n in document["nodes"]}
@@ -121,7 +129,12 @@ def strongest_links(document: dict, node_id: str, k: int = 10) -> tuple[list[dic
     def rows(pairs: list[tuple[str, float]]) -> list[dict]:
         pairs = sorted(pairs, key=lambda p: -abs(p[1]))[:k]
         return [
-            {"node_id": other, "description": describe_node(by_id[other], tokens), "weight": w}
+            {
+                "node_id": other,
+                "description": describe_node(by_id[other], tokens),
+                "label": node_label(by_id[other]),
+                "weight": w,
+            }
             for other, w in pairs
         ]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
-from dashboards.documents import describe_node, node_kind, prompt_tokens
+from dashboards.documents import describe_node, node_kind, node_label, prompt_tokens
 
 NODE_GAP = 0.25  # x distance between neighbours in a cell, in units (a plain column is 1 wide)
 COLUMN_MARGIN = 0.5  # free x room between the outer nodes of neighbouring columns
@@ -97,7 +97,8 @@ def node_weight(node: dict) -> float:
 
 
 def node_positions(document: dict) -> list[dict]:
-    """Every node of the document with x, y, kind, size (see `node_weight`), token, description."""
+    """Every node of the document with x, y, kind, size (see `node_weight`), token, description,
+    label (`documents.node_label`)."""
     n_layers = document_layers(document)
     tokens = prompt_tokens(document)
     cells: dict[tuple[int, int], list[dict]] = defaultdict(list)
@@ -130,6 +131,7 @@ def node_positions(document: dict) -> list[dict]:
                     "token": tokens[pos] if pos < len(tokens) else str(pos),
                     "description": describe_node(node, tokens),
                     "clerp": node.get("clerp") or "",
+                    "label": node_label(node),
                 }
             )
     return placed

@@ -5,25 +5,31 @@ writes `outputs/graphs/PROFILE/`: `profile.json` and `PROMPT.safetensors` per pr
 seconds per phase and `attribution_peak_growth_bytes` (how far the process's peak RSS rose above
 its RSS during that prompt's attribution: model loading and earlier prompts excluded) go to
 `outputs/runs/PROFILE.json`, outside every DVC output, so the graphs are byte-identical for
-identical inputs.
+identical inputs. One task per prompt, run here or on Ray (`execution:` in params.yaml,
+`tracer/experiments/execution.py`); either way the graphs are written here, the same bytes.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 from tracer.atomic import write_folder, write_json
-from tracer.attribution.attribute import attribute
 from tracer.experiments import outputs
-from tracer.experiments.params import AttributionParams, PromptSpec, load_params
-from tracer.graph.graph import Graph
-from tracer.memory import peak_growth, return_freed_memory
-from tracer.model.replacement import ReplacementModel
+from tracer.experiments.execution import Job, raise_failures, run_jobs, write_files
+from tracer.experiments.params import load_params
+from tracer.experiments.sweep import (
+    attribute_files,
+    attribute_prompt,
+    load_model,
+    with_absolute_paths,
+)
+from tracer.memory import return_freed_memory
 
 ROOT = Path("outputs")
+__all__ = ["attribute_prompt", "load_fetched", "load_model", "main"]  # validate uses them
 
 
 def load_fetched(name: str) -> dict:
@@ -33,61 +39,34 @@ def load_fetched(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def load_model(fetched: dict) -> ReplacementModel:
-    """The profile's model from the folders the fetch stage recorded."""
-    model, transcoders = fetched["model"], fetched["transcoders"]
-    replacement = ReplacementModel.from_pretrained(
-        model["path"], transcoders["path"], dtype=fetched["dtype"]
-    )
-    # Graphs name what was fetched (hub id and commit), not the local folder it was copied to.
-    replacement.model_id, replacement.model_revision = model["source"], model["revision"]
-    replacement.transcoders.source = transcoders["source"]
-    replacement.transcoders.revision = transcoders["revision"]
-    return replacement
-
-
-def attribute_prompt(
-    model: ReplacementModel, spec: PromptSpec, settings: AttributionParams
-) -> tuple[Graph, dict]:
-    """One prompt's graph and its run record: seconds per phase and, in bytes, the growth of the
-    process's peak RSS during this attribution (as the benchmarks measure it)."""
-    start = time.perf_counter()
-    graphs: list[Graph] = []
-    growth = peak_growth(
-        lambda: graphs.append(
-            # params.yaml's `attribution:` keys are `attribute`'s own keyword arguments
-            attribute(
-                spec.text, model, targets=spec.targets, progress=False, **settings.model_dump()
-            )
-        )
-    )
-    (graph,) = graphs
-    timings = graph.metadata.pop("timings")
-    record = {
-        "seconds": timings | {"total": time.perf_counter() - start},
-        "attribution_peak_growth_bytes": growth,
-    }
-    return graph, record
-
-
 def main(name: str) -> None:
     return_freed_memory()  # process-wide allocator setting: freed batch buffers go back to the OS
     params = load_params()
     if name not in params.profiles:
         raise SystemExit(f"unknown profile {name!r}; params.yaml defines {sorted(params.profiles)}")
     profile = params.profiles[name]
-    settings = params.attribution
     runs: dict[str, dict] = {}
 
     def fill(folder: Path) -> None:
         write_json(folder / outputs.PROFILE_FILE, {"name": name, **profile.model_dump()})
         if not profile.enabled:
             return
-        model = load_model(load_fetched(name))
-        for spec in params.prompts:
-            graph, runs[spec.id] = attribute_prompt(model, spec, settings)
-            graph.save(folder / f"{spec.id}{outputs.GRAPH_SUFFIX}")
-            print(f"{name}/{spec.id}: {graph.adjacency_matrix.shape[0]} nodes")
+        # one job per prompt, run here or on Ray (params.yaml `execution:`); the graphs come back
+        # as bytes and are written here, so both engines write the same files
+        jobs = [Job(name, f"{name}/{spec.id}", spec) for spec in params.prompts]
+        work = partial(attribute_files, settings=params.attribution)
+        outcomes = run_jobs(
+            {name: with_absolute_paths(load_fetched(name))},
+            jobs,
+            load_model,
+            work,
+            params.execution,
+        )
+        raise_failures(outcomes)
+        for outcome in outcomes:
+            write_files(folder, outcome.result["files"])
+            runs[outcome.job.payload.id] = outcome.result["record"]
+            print(f"{outcome.job.key}: {outcome.result['summary']['nodes']} nodes")
 
     write_folder(outputs.graphs_dir(ROOT, name), fill)
     write_json(outputs.runs_path(ROOT, name), runs)

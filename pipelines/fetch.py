@@ -7,8 +7,11 @@ hash; a disabled profile gets {"enabled": false} and fetches nothing.
 Local folders (the zoo) are loaded where they are. Hub repos are downloaded through
 huggingface_hub's cache (`HF_HOME`; a second profile using the same repo and commit makes no
 request) and copied, as hard links where possible, to `outputs/fetched/PROFILE/model/` and
-`transcoders/`, which DVC caches: `dvc push` to a remote and `dvc pull` on a machine without hub
-access restores them, and `dvc repro` there finds this stage up to date.
+`transcoders/`, which DVC caches. A transcoder set arrives with every file its config refers to,
+in whatever repo, verified, under a rewritten config.yaml that names only files inside the folder:
+`dvc push` to a remote and `dvc pull` on a machine without hub access (`HF_HUB_OFFLINE=1`) restores
+it, `dvc repro` there finds this stage up to date and attribution makes no request. A failure
+(a checksum that does not match, a missing file) leaves the previous output in place.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def main(name: str) -> None:
             )
             for part, record in fetched.items():
                 if record["revision"] is not None:  # from the hub
-                    materialize(record, folder / part)
-                    fetched[part] = {**record, "path": str(final / part)}
+                    laid_out = materialize(record, folder / part)
+                    fetched[part] = {**laid_out, "path": str(final / part)}
             document = {"enabled": True, "dtype": profile.dtype, **fetched}
         write_json(folder / outputs.FETCHED_FILE, document)
 

@@ -11,10 +11,24 @@ import os
 from pathlib import Path
 
 from tracer.atomic import write_json
+from tracer.experiments import outputs
+from tracer.experiments.pages import find_pages
 from tracer.experiments.params import load_params
 from tracer.experiments.tracking import ensure_store, git_tags, log_pipeline, tracking_uri
+from tracer.features.storage import SUMMARY_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def feature_files(root: Path) -> dict[str, list[Path]]:
+    """Per profile: its page set's summary and human labels file, where they exist."""
+    found = {}
+    for profile in outputs.profile_folders(root):
+        folder = find_pages(root, profile.name, profile.info or {})
+        if folder is not None:
+            candidates = [folder / SUMMARY_FILE, REPO_ROOT / outputs.labels_path(folder.name)]
+            found[profile.name] = [path for path in candidates if path.is_file()]
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         uri=uri,
         tags=git_tags(REPO_ROOT),
         dvc_lock=REPO_ROOT / "dvc.lock",
+        feature_files=feature_files(args.root),
     )
     print(json.dumps(summary, indent=2))
     if args.summary is not None:

@@ -1,9 +1,10 @@
 """A loopback HTTP server imitating the Hugging Face hub, for real huggingface_hub downloads.
 
 It serves the endpoints huggingface_hub 2.4 calls (DESIGN.md section 7): the revision lookup, the
-recursive tree listing (with `lfs` sha256 for `*.safetensors`, as the hub lists LFS files) and
-`HEAD`/`GET` of `resolve` URLs; errors carry `X-Error-Code`. Every request is recorded, and files
-can be served corrupted (same size, different bytes) or truncated.
+tree listing of a folder, recursive or not (with `lfs` sha256 for `*.safetensors` and `*.npz`, as
+the hub lists LFS files) and `HEAD`/`GET` of `resolve` URLs, with byte ranges (`Range: bytes=a-b`,
+answered 206, as the hub does; file headers are read that way); errors carry `X-Error-Code`. Every
+request is recorded, and files can be served corrupted (same size, different bytes) or truncated.
 
     with FakeHubServer() as hub:
         sha = hub.add_repo("org/model", {"config.json": b"{}"})
@@ -17,9 +18,10 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+import transformers.utils.hub as transformers_hub
 from huggingface_hub import constants
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".npz")
@@ -80,7 +82,7 @@ class FakeHubServer(ThreadingHTTPServer):
         return self.add_repo(repo_id, files, branch)
 
     def __enter__(self) -> FakeHubServer:
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -107,8 +109,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         hub = self.server
-        path = unquote(urlsplit(self.path).path).strip("/")
-        hub.requests.append(f"{self.command} {path}")
+        url = urlsplit(self.path)
+        path = unquote(url.path).strip("/")
+        byte_range = self.headers.get("Range")
+        hub.requests.append(f"{self.command} {path}" + (f" {byte_range}" if byte_range else ""))
         parts = path.split("/")
         api = parts[:2] == ["api", "models"]
         if len(parts) < (6 if api else 5):  # e.g. huggingface_hub's own /api/agent-harnesses probe
@@ -124,7 +128,11 @@ class _Handler(BaseHTTPRequestHandler):
         if api and parts[4] == "revision":
             return self.reply(200, json.dumps({"id": repo_id, "sha": sha}).encode(), as_json)
         if api and parts[4] == "tree":
-            tree = [_tree_entry(p, b) for p, b in sorted(files.items())]
+            folder = "/".join(parts[6:])
+            recursive = parse_qs(url.query).get("recursive", ["false"])[0].lower() == "true"
+            tree = _listing(files, folder, recursive)
+            if folder and not tree:
+                return self.fail("EntryNotFound")
             return self.reply(200, json.dumps(tree).encode(), as_json)
         file = "/".join(parts[4:])
         if file not in files:
@@ -137,11 +145,36 @@ class _Handler(BaseHTTPRequestHandler):
         if (repo_id, file) in hub.corrupt:
             body = bytes(b ^ 0xFF for b in body)
         send = len(body) // 2 if (repo_id, file) in hub.truncate else None
+        if byte_range and self.command == "GET":
+            start, end = _byte_range(byte_range, len(body))
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
+            return self.reply(206, body[start : end + 1], headers)
         self.reply(200, body, headers, send)
         if send is not None:
             self.close_connection = True
 
     do_HEAD = do_GET
+
+
+def _listing(files: dict[str, bytes], folder: str, recursive: bool) -> list[dict]:
+    """Tree entries under `folder`: every file below it, or its files and sub-folders only."""
+    prefix = f"{folder}/" if folder else ""
+    entries, folders = [], set()
+    for path in sorted(p for p in files if p.startswith(prefix)):
+        rest = path[len(prefix) :]
+        if recursive or "/" not in rest:
+            entries.append(_tree_entry(path, files[path]))
+        else:
+            folders.add(prefix + rest.split("/")[0])
+    return entries + [{"type": "directory", "path": f, "oid": git_oid(f.encode())} for f in folders]
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int]:
+    """(first, last) byte of `bytes=a-b`, `bytes=a-` or `bytes=-n`, clipped to the file."""
+    first, _, last = header.removeprefix("bytes=").partition("-")
+    if not first:
+        return max(0, size - int(last)), size - 1
+    return int(first), min(size - 1, int(last) if last else size - 1)
 
 
 def point_client_at(hub: FakeHubServer, monkeypatch: pytest.MonkeyPatch, hf_home: Path) -> Path:
@@ -164,4 +197,6 @@ def point_client_at(hub: FakeHubServer, monkeypatch: pytest.MonkeyPatch, hf_home
     monkeypatch.setattr(constants, "HF_HOME", str(hf_home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # transformers keeps one HfApi per process, made with the endpoint of its first use
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)
     return cache

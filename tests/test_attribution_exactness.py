@@ -10,15 +10,18 @@ target t by exactly -A[t, s].
 Tolerances, relative to the largest entry of each checked column: 1e-8 in float64, 1e-4 in float32.
 """
 
+import copy
+
 import pytest
 import torch
+from transformers import Gemma3ForCausalLM
 
 from tracer.attribution.attribute import attribute
 from tracer.graph.graph import LogitTarget
 from tracer.interventions.intervene import ErrorChange, FeatureChange, TokenChange
 from tracer.model.replacement import ReplacementModel
 from tracer.testing import (
-    FIXTURE_FAMILIES,
+    ALL_FIXTURE_FAMILIES,
     TRANSCODER_KINDS,
     build_model,
     build_transcoders,
@@ -104,7 +107,7 @@ def assert_columns_match_interventions(rm, graph, columns, tolerance):
 
 
 @pytest.mark.parametrize("kind", TRANSCODER_KINDS)
-@pytest.mark.parametrize("family", FIXTURE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FIXTURE_FAMILIES)
 def test_adjacency_equals_direct_effect_float64(family, kind):
     rm = make(family, kind, torch.float64)
     graph = attribute(PROMPT, rm, batch_size=64, progress=False)
@@ -114,7 +117,7 @@ def test_adjacency_equals_direct_effect_float64(family, kind):
 
 
 @pytest.mark.parametrize("kind", TRANSCODER_KINDS)
-@pytest.mark.parametrize("family", FIXTURE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FIXTURE_FAMILIES)
 def test_adjacency_equals_direct_effect_float32(family, kind):
     rm = make(family, kind, torch.float32)
     graph = attribute(PROMPT, rm, batch_size=37, progress=False)
@@ -124,7 +127,7 @@ def test_adjacency_equals_direct_effect_float32(family, kind):
 
 @pytest.mark.parametrize("kind", ["plt-jumprelu", "plt-skip", "clt"])
 @pytest.mark.parametrize("read_hook", ["hook_resid_mid", "ln2.hook_normalized"])
-@pytest.mark.parametrize("family", FIXTURE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FIXTURE_FAMILIES)
 def test_other_read_points(family, read_hook, kind):
     """Sets that read the un-normalised residual stream (hook_resid_mid) or the pre-MLP norm's
     input normalised before its weight (ln2.hook_normalized: linear in resid_mid through this
@@ -135,13 +138,13 @@ def test_other_read_points(family, read_hook, kind):
     assert_columns_match_interventions(rm, graph, sample_columns(graph), TOLERANCE[torch.float64])
 
 
-@pytest.mark.parametrize("family", FIXTURE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FIXTURE_FAMILIES)
 def test_logit_rows_sum_to_demeaned_logit(family):
     """Identity: sum_s A[logit, s] + b = logit - mean_vocab(logit), where b is the demeaned logit
     of the frozen model with every source (features, errors, tokens) switched off — the frozen
     bias terms (attention/norm biases, transcoder b_dec and skip terms, the start token's MLP
-    output). The right-hand side is read off the real model's own logits (no soft-cap families;
-    for Gemma-2 the logits are taken before the soft-cap)."""
+    output). The right-hand side is read off the real model's own logits (for the families with
+    a final soft-cap, the logits before it, which give the model's own through the soft-cap)."""
     rm = make(family, "clt", torch.float64)
     graph = attribute(PROMPT, rm, batch_size=64, progress=False)
     state = rm.run_prompt(graph.input_tokens)
@@ -159,11 +162,39 @@ def test_logit_rows_sum_to_demeaned_logit(family):
     bias = off.final_hidden[0, -1] @ directions.T
     with torch.no_grad():
         raw = rm.model.get_output_embeddings()(state.final_hidden[-1])  # before any soft-cap
-        if family != "gemma2":
-            assert torch.allclose(raw, rm.model(graph.input_tokens[None]).logits[0, -1])
+        real = rm.model(graph.input_tokens[None]).logits[0, -1]
+    capped = raw if rm.softcap is None else torch.tanh(raw / rm.softcap) * rm.softcap
+    # the recording pass's norms compute in float64, transformers' RMSNorms in float32
+    torch.testing.assert_close(capped, real, rtol=0, atol=1e-6 * real.abs().max().item())
     demeaned = raw[graph.logit_tokens] - raw.mean()
     row_sums = graph.adjacency_matrix[-graph.layout.n_logits :].sum(1)
     torch.testing.assert_close(row_sums + bias, demeaned, rtol=1e-9, atol=1e-9)
+
+
+def test_gemma3_multimodal_text_model_gives_the_causal_lm_graph():
+    """The text model of Gemma3ForConditionalGeneration (under model.language_model; its forward
+    applies no final soft-cap) gives, on a text prompt, the graph of a Gemma3ForCausalLM with the
+    same decoder and unembedding weights and no soft-cap."""
+    wrapper = build_model("gemma3_multimodal").to(torch.float64)
+    config = copy.deepcopy(wrapper.config.text_config)
+    assert config.final_logit_softcapping  # configured, yet never applied by the wrapper
+    config.final_logit_softcapping = None
+    causal = Gemma3ForCausalLM(config).to(torch.float64)
+    causal.model.load_state_dict(wrapper.model.language_model.state_dict())
+    causal.lm_head.load_state_dict(wrapper.lm_head.state_dict())
+    ts = build_transcoders("clt", n_layers=2, d_model=32)
+    graph, expected = (
+        attribute(PROMPT, ReplacementModel(model, ts), batch_size=64, progress=False)
+        for model in (wrapper, causal)
+    )
+    assert graph.layout.n_features > 100
+    assert torch.equal(graph.active_features, expected.active_features)
+    assert torch.equal(graph.logit_tokens, expected.logit_tokens)
+    torch.testing.assert_close(graph.logit_probabilities, expected.logit_probabilities)
+    scale = expected.adjacency_matrix.abs().max().item()
+    torch.testing.assert_close(
+        graph.adjacency_matrix, expected.adjacency_matrix, rtol=0, atol=1e-12 * scale
+    )
 
 
 def test_custom_direction_target_is_difference_of_token_rows():

@@ -30,7 +30,14 @@ THRESHOLDS = (0.7, 0.95)  # not Graph.prune's defaults, so using the stored ones
 CURVE = [(0.5, 0.9), (0.7, 0.95), (0.9, 0.99)]
 MODEL = "tiny/gpt2"
 SAME_MODEL = ("a", "a-copy", "perm", "random")  # enabled, one model, with graphs
-OUT_FILES = {"scores.csv", "sizes.csv", "layers.csv", "matching.csv", "summary.json"}
+OUT_FILES = {
+    "scores.csv",
+    "sizes.csv",
+    "layers.csv",
+    "matching.csv",
+    "features.csv",
+    "summary.json",
+}
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
@@ -379,7 +386,7 @@ def test_write_tables_writes_every_table_and_skips_what_it_must(tree, matching, 
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["rows"] == {
         name: len(read_csv(out / f"{name}.csv"))
-        for name in ("scores", "sizes", "layers", "matching")
+        for name in ("scores", "sizes", "layers", "matching", "features")
     }
     assert summary["profiles"] == sorted([*SAME_MODEL, "other-model"])
     assert sorted(map(tuple, summary["pairs"])) == sorted(
@@ -401,7 +408,7 @@ def test_write_tables_failures_leave_old_files_and_no_temporary_files(tree, tmp_
     def fail(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(compare, "matching_table", fail)  # the last table computed
+    monkeypatch.setattr(compare, "compare_pairs", fail)  # the last tables computed
     with pytest.raises(RuntimeError, match="injected"):
         compare.write_tables(tree["root"], out)
     assert {p.name: p.read_text() for p in out.iterdir()} == {n: f"old {n}\n" for n in OUT_FILES}
@@ -429,3 +436,23 @@ def test_pipeline_script_writes_outputs_compare(tree, tmp_path, monkeypatch, cap
     assert {p.name for p in (tmp_path / "outputs" / "compare").iterdir()} == OUT_FILES
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "outputs/compare/summary.json").read_text())
+
+
+def test_features_table_maps_kept_nodes_through_the_matching_with_labels(tree):
+    """A permuted copy of a set: every kept node of A has its permuted image, cosine 1, kept in B;
+    the labels are the callables' answers for each side's own feature index."""
+    perm_labels = {"a": lambda layer, f: f"a{layer}:{f}", "perm": lambda layer, f: f"p{layer}:{f}"}
+    _, rows = compare.compare_pairs(tree["root"], labels=perm_labels)
+    rows = [r for r in rows if (r["profile_a"], r["profile_b"]) == ("a", "perm")]
+    ts_a, ts_p = load_transcoders(tree["sets"] / "a"), load_transcoders(tree["sets"] / "perm")
+    for prompt in PROMPTS:
+        expected = kept_nodes(graph_of(tree, "a", prompt))
+        found = [r for r in rows if r["prompt"] == prompt]
+        assert len(found) == len(expected)
+    assert rows
+    for row in rows:
+        assert tuple(row) == compare.FEATURE_COLUMNS
+        layer, a, b = row["layer"], row["feature_a"], row["feature_b"]
+        assert torch.equal(ts_a.decoder(layer, layer)[a], ts_p.decoder(layer, layer)[b])
+        assert row["cosine"] == pytest.approx(1.0, abs=1e-6) and row["kept_in_b"]
+        assert (row["label_a"], row["label_b"]) == (f"a{layer}:{a}", f"p{layer}:{b}")

@@ -3,20 +3,28 @@ what they show is checked against the pipeline's files and against `Graph.prune`
 
 from __future__ import annotations
 
+import html
+import json
+import re
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from safetensors import safe_open
 from streamlit.testing.v1 import AppTest
-from test_dashboard_outputs import DISABLED, PROFILES, VALIDATED, built_outputs
+from test_dashboard_outputs import DISABLED, HUMAN_LABEL, PROFILES, VALIDATED, built_outputs
 
 from dashboards import catalog
 from dashboards.catalog import ENV_OUTPUTS
 from dashboards.layout import MAX_DRAWN_LINKS
 from tracer.experiments import outputs as paths
+from tracer.features.labels import Labels, read_labels
 from tracer.graph.graph import Graph
+from tracer.transcoders.files import load_transcoders
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,3 +231,122 @@ def test_without_compare_and_graphs_the_pages_still_work(monkeypatch, tmp_path: 
     app.switch_page("views/tables.py").run()
     assert not app.exception
     assert "stage `compare`" in app.warning[0].value
+
+
+# ---- feature pages and labels -------------------------------------------------------------------
+def layer_row(folder: Path, layer: int, feature: int) -> tuple[dict, torch.Tensor]:
+    """One feature's rows of a pages layer file and the layer's example table, read directly."""
+    with safe_open(folder / f"layer_{layer}.safetensors", "pt") as handle:
+        examples = handle.get_tensor("example_tokens")
+        names = [n for n in handle.keys() if n != "example_tokens"]
+        return {name: handle.get_tensor(name)[feature] for name in names}, examples
+
+
+def labelled_feature(root: Path) -> tuple[int, int]:
+    ((key, text),) = read_labels(catalog.labels_folder(root) / "tiny-clt.tsv").items()
+    assert text == HUMAN_LABEL
+    return key
+
+
+def test_graph_page_shows_the_picked_features_page_and_labels(monkeypatch, root: Path):
+    app = open_app(monkeypatch, root)  # tiny-clt / dallas, its most influential feature picked
+    layer, feature = labelled_feature(root)
+    picked = app.selectbox(key="graph_node").value
+    assert picked.startswith(f"{layer}_{feature}_")
+    assert HUMAN_LABEL in app.selectbox(key="graph_node").format_func(picked)
+    (all_nodes,) = tables_with(app, {"node_id", "kind", "label"})
+    assert all_nodes.set_index("node_id").loc[picked, "label"] == HUMAN_LABEL
+    assert any(HUMAN_LABEL in m.value and "labels file" in m.value for m in app.markdown)
+
+    folder = root / "features" / "tiny-clt"
+    row, examples_table = layer_row(folder, layer, feature)
+    index = json.loads((folder / "index.json").read_text())
+    tokens = json.loads((folder / "tokens.json").read_text())
+    assert metrics(app)["density"] == f"{int(row['active']) / index['n_tokens']:.3%}"
+    (examples,) = [h.value for h in app.html if "Top activations" in h.value]
+    first = examples_table[int(row["top_example"][0])]  # the top example's tokens
+    shown = re.findall(r">([^<]*)</span>", examples.split('class="context"')[1])
+    assert [html.unescape(w) for w in shown] == [tokens[str(t)] for t in first.tolist() if t >= 0]
+    top_logits = [tokens[str(t)] for t in row["top_logits"].tolist()]
+    (shown_logits,) = [t for t in tables_with(app, {"token", "effect"}) if t["effect"].iloc[0] > 0]
+    assert list(shown_logits["token"]) == top_logits
+    assert not [t for t in app.text_input if t.label.startswith("Label of")]
+    assert any("read-only" in c.value and "--edit-labels" in c.value for c in app.caption)
+
+    token_node = next(i for i in all_nodes["node_id"] if i.startswith("E_"))
+    app.selectbox(key="graph_node").set_value(token_node).run()
+    assert not [h for h in app.html if "Top activations" in h.value]
+    assert any("Pick a feature node" in c.value for c in app.caption)
+
+
+def test_a_profile_without_pages_names_the_stage_that_writes_them(
+    monkeypatch, tmp_path: Path, root: Path
+):
+    partial = tmp_path / "outputs"
+    shutil.copytree(root / "profiles", partial / "profiles")
+    shutil.copytree(root / "features" / "tiny-clt", partial / "features" / "tiny-clt")
+    app = open_app(monkeypatch, partial)
+    assert [h for h in app.html if "Top activations" in h.value]
+    widget(app.selectbox, "profile").set_value("tiny-plt").run()
+    assert not app.exception
+    assert any("No feature pages" in i.value and "dvc repro features@" in i.value for i in app.info)
+    assert app.title[0].value == "tiny-plt / dallas"  # the rest of the page is there
+
+
+def test_labels_are_edited_only_with_the_flag_and_written_to_the_labels_file(
+    monkeypatch, tmp_path: Path, root: Path
+):
+    copy = tmp_path / "outputs"
+    shutil.copytree(root, copy)
+    shutil.copytree(catalog.labels_folder(root), catalog.labels_folder(copy))
+    labels_file = catalog.labels_folder(copy) / "tiny-clt.tsv"
+    layer, feature = labelled_feature(copy)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--edit-labels"])
+    app = open_app(monkeypatch, copy)
+    (editor,) = [t for t in app.text_input if t.label == f"Label of L{layer} #{feature}"]
+    assert editor.value == HUMAN_LABEL
+    editor.set_value("Texas cities")
+    widget(app.button, "Save label").click().run()
+    assert not app.exception
+    assert read_labels(labels_file) == {(layer, feature): "Texas cities"}
+    (all_nodes,) = tables_with(app, {"node_id", "kind", "label"})
+    picked = app.selectbox(key="graph_node").value
+    assert all_nodes.set_index("node_id").loc[picked, "label"] == "Texas cities"
+
+    (editor,) = [t for t in app.text_input if t.label == f"Label of L{layer} #{feature}"]
+    editor.set_value("")
+    widget(app.button, "Save label").click().run()
+    assert read_labels(labels_file) == {}  # empty removes: the automatic label is back
+    automatic = Labels.open(copy / "features" / "tiny-clt", None)(layer, feature)
+    (all_nodes,) = tables_with(app, {"node_id", "kind", "label"})
+    assert all_nodes.set_index("node_id").loc[picked, "label"] == automatic != HUMAN_LABEL
+
+
+def test_compare_page_matches_features_by_decoder_cosine(monkeypatch, root: Path):
+    app = open_app(monkeypatch, root, "compare")  # A tiny-clt, B tiny-plt, dallas
+    (table,) = tables_with(app, {"feature_a", "feature_b", "cosine", "label_a", "label_b"})
+    sets = {
+        name: load_transcoders(catalog.scan_outputs(root).profile(name).info["transcoders"])
+        for name in ("tiny-clt", "tiny-plt")
+    }
+    labels = {
+        name: Labels.open(root / "features" / name, catalog.labels_folder(root) / f"{name}.tsv")
+        for name in sets
+    }
+    for row in table.itertuples():
+        # brute force: cosine of A's own-layer decoder row with every B decoder row
+        a = sets["tiny-clt"].layer(row.layer).W_dec[row.feature_a, 0].double()
+        b = sets["tiny-plt"].layer(row.layer).W_dec.double()
+        cosines = (b @ a) / (b.norm(dim=1) * a.norm())
+        assert row.feature_b == int(cosines.argmax())
+        assert row.cosine == pytest.approx(float(cosines.max()), abs=1e-5)
+        assert row.label_a == labels["tiny-clt"](row.layer, row.feature_a)
+        assert row.label_b == labels["tiny-plt"](row.layer, row.feature_b)
+    assert HUMAN_LABEL in set(table["label_a"])
+    first = table.iloc[0]
+    headings = [m.value for m in app.markdown if m.value.startswith("#### ")]
+    assert headings == [
+        f"#### A: feature L{first['layer']} #{first['feature_a']}",
+        f"#### B: feature L{first['layer']} #{first['feature_b']}",
+    ]
+    assert len([h for h in app.html if "Top activations" in h.value]) == 2

@@ -1,6 +1,6 @@
 """End to end: `streamlit run dashboards/app.py` on the tiny outputs folder, looked at by headless
 Chromium (driven over the DevTools protocol): screenshots are not blank and the rendered pages
-show the profile, its scores and the drawn graph.
+show the profile, its scores, the drawn graph and the picked feature's page.
 
 Chromium is Debian's `chromium`; when it is missing, scripts/install_chromium.sh installs it.
 """
@@ -23,11 +23,14 @@ import pandas as pd
 import pytest
 from conftest import free_port, stop_process
 from PIL import Image
-from test_dashboard_outputs import built_outputs
+from test_dashboard_app import labelled_feature
+from test_dashboard_outputs import HUMAN_LABEL, built_outputs
 from websockets.sync.client import connect
 
 from dashboards import catalog
 from dashboards.charts import KIND_COLOURS
+from dashboards.features import HIGHLIGHT
+from tracer.features.storage import FeaturePages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,3 +248,31 @@ def test_compare_page_renders_in_a_browser(server: str, browser: Browser, root: 
     assert "tiny-clt" in state["text"] and "tiny-plt" in state["text"]
     image = browser.screenshot(tmp_path / "compare.png")
     assert_not_blank(image)
+
+
+def test_a_feature_page_renders_in_a_browser(server: str, browser: Browser, root: Path, tmp_path):
+    """The graph page of tiny-clt / dallas opens on its most influential feature, which has the
+    human label: its page shows the label, the examples (tokens shaded) and the histogram."""
+    folder = root / "features" / "tiny-clt"
+    tokens = json.loads((folder / "tokens.json").read_text())
+    state = browser.open(
+        f"{server}/?profile=tiny-clt&prompt=dallas",
+        charts=3,  # the graph, the feature's histogram, the pruning curve
+        texts=["Feature page", "Top activations", HUMAN_LABEL, "Top output logits"],
+    )
+    assert "Traceback" not in state["text"]
+    page = FeaturePages(folder).page(*labelled_feature(root))
+    top = page.top[0]
+    # the top example's tokens, in the page's text (spans render without separators)
+    assert "".join(tokens[str(t)] for t in top.tokens) in state["text"].replace("\n", "")
+    browser.call(
+        "Runtime.evaluate",
+        expression="[...document.querySelectorAll('h3')]"
+        ".find(e => e.innerText.startsWith('Feature page')).scrollIntoView()",
+    )
+    time.sleep(0.5)
+    image = browser.screenshot(tmp_path / "feature.png")
+    assert_not_blank(image)
+    # the peak token of the top example is shaded at full strength in the highlight colour
+    highlight = "#{:02x}{:02x}{:02x}".format(*HIGHLIGHT)
+    assert colour_share(image, highlight, tolerance=6) > 1e-5

@@ -1,15 +1,20 @@
 """The dashboard's reading of an outputs folder, on a real tiny one built here with the library.
 
 `build_outputs` writes what `dvc repro` writes (two profiles of one tiny GPT-2, a CLT and a PLT,
-two prompts each, a disabled profile, the compare tables); the other dashboard tests reuse it.
+two prompts each, a disabled profile, the compare tables, each set's feature pages over a few
+thousand tokens) and, beside it, a labels file with one human label; the other dashboard tests
+reuse it.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from dashboards import catalog
@@ -19,11 +24,14 @@ from tracer.attribution.attribute import attribute
 from tracer.experiments import outputs as paths
 from tracer.experiments.compare import write_tables
 from tracer.experiments.report import prompt_report
+from tracer.features.labels import set_label
+from tracer.features.pages import PageSettings, collect_pages, examples_from_texts
+from tracer.features.storage import FeaturePages, save_pages
 from tracer.graph.graph import Graph
 from tracer.graph.summary import prune_graph
 from tracer.interventions.validation import validate_graph
 from tracer.model.replacement import ReplacementModel
-from tracer.testing import build_model, build_tokenizer, build_transcoders
+from tracer.testing import FIXTURE_WORDS, build_model, build_tokenizer, build_transcoders
 from tracer.transcoders.files import save_transcoders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +47,17 @@ PROMPTS = {
 }
 THRESHOLDS = (0.7, 0.95)  # not Graph.prune's defaults: the app must use the stored ones
 SWEEP = [(0.5, 0.9), (0.7, 0.95), (0.9, 0.99)]
+PAGE_SETTINGS = PageSettings(
+    n_tokens=3000,
+    context=9,
+    top_k=5,
+    quantiles=(0.5, 0.9),
+    examples_per_band=3,
+    histogram_bins=16,
+    batch_size=64,
+    n_logits=5,
+)
+HUMAN_LABEL = "capital city detector"  # given to tiny-clt's most influential dallas feature
 _BUILT: dict[str, Path] = {}
 
 
@@ -66,13 +85,39 @@ def build_outputs(root: Path) -> Path:
             if name == VALIDATED:
                 validation = validate_graph(graph, replacement, top_n=4, modes=("direct",))
                 validation.to_json(paths.validation_dir(root, name) / f"{prompt}.json")
+        write_pages(root, name, replacement, tokenizer, info)
     Image.new("RGB", (60, 40), "white").save(
         paths.prompt_dir(root, VALIDATED, "dallas") / paths.CURVE_PLOT
     )
     disabled = {"name": DISABLED, "model": "org/big", "transcoders": "hf://org/sets"}
     write_json(paths.profile_dir(root, DISABLED) / "profile.json", disabled | {"enabled": False})
     write_tables(root, root / "compare")
+    document = json.loads((paths.prompt_dir(root, VALIDATED, "dallas") / "pruned.json").read_text())
+    top = max(
+        (n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"),
+        key=lambda n: n["influence"],
+    )
+    layer, feature, _ = map(int, top["node_id"].split("_"))
+    pages = FeaturePages(paths.features_dir(root, VALIDATED))
+    set_label(catalog.labels_folder(root) / f"{VALIDATED}.tsv", pages, layer, feature, HUMAN_LABEL)
     return root
+
+
+def write_pages(root: Path, name: str, model: ReplacementModel, tokenizer, info: dict) -> None:
+    """What features@NAME writes for the profile's set: pages over random fixture-word texts."""
+    rng = random.Random(7)
+    texts = [" ".join(rng.choices(FIXTURE_WORDS, k=12)) for _ in range(400)]
+    examples = examples_from_texts(model, texts, PAGE_SETTINGS)
+    pages = collect_pages(model, examples, PAGE_SETTINGS)
+    identity = {"name": name, "profile": name, "model": MODEL}
+    identity |= {"transcoders": info["transcoders"], "transcoder_revision": None}
+    save_pages(
+        paths.features_dir(root, name),
+        pages,
+        PAGE_SETTINGS,
+        lambda ids: [tokenizer.decode([i]) for i in ids],
+        identity,
+    )
 
 
 def built_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -185,3 +230,60 @@ def test_matching_rows_of_one_pair(root: Path):
     assert len(every_prompt) == N_LAYERS * len(PROMPTS)
     with pytest.raises(MissingOutputs, match="No matching rows for tiny-plt -> tiny-plt"):
         catalog.matching_rows(root, "tiny-plt", "tiny-plt")
+
+
+def test_label_editing_from_argument_then_environment():
+    env = catalog.ENV_EDIT_LABELS
+    assert catalog.label_editing(["--outputs", "/x", "--edit-labels"], {})
+    assert catalog.label_editing([], {env: "1"}) and catalog.label_editing([], {env: " TRUE "})
+    assert not catalog.label_editing([], {}) and not catalog.label_editing([], {env: "0"})
+    assert not catalog.label_editing(["--edit-label"], {})  # no abbreviations
+    with pytest.raises(ValueError, match=r"TRACER_EDIT_LABELS must be one of .*got 'maybe'"):
+        catalog.label_editing([], {env: "maybe"})
+    # the flag does not disturb the outputs argument
+    assert catalog.resolve_outputs(["--edit-labels", "--outputs", "/y"], {}) == Path("/y")
+
+
+def test_each_profile_finds_the_pages_of_its_transcoders(root: Path):
+    outputs = catalog.scan_outputs(root)
+    for profile in outputs.profiles:
+        found = catalog.find_pages(root, profile)
+        index = json.loads((found.folder / "index.json").read_text())
+        assert index["transcoders"] == profile.info["transcoders"]
+        assert found.folder == root / "features" / found.name
+        assert found.labels == root.parent / "labels" / f"{found.name}.tsv"
+    # a second profile of the same transcoder set shares the pages
+    clt = outputs.profile("tiny-clt")
+    twin = catalog.Profile("tiny-clt-again", clt.info | {"name": "tiny-clt-again"}, clt.prompts)
+    assert catalog.find_pages(root, twin).name == "tiny-clt"
+
+
+def test_pages_of_other_weights_are_not_taken(root: Path, tmp_path: Path):
+    """The fetch stage's record wins over profile.json: pages built from another revision of the
+    set are not this profile's; nor are pages of another set."""
+    copy = tmp_path / "outputs"
+    shutil.copytree(root / "features", copy / "features")
+    profile = catalog.scan_outputs(root).profile("tiny-plt")
+    assert catalog.find_pages(copy, profile).name == "tiny-plt"
+    record = {"source": profile.info["transcoders"], "revision": "0123abcd"}
+    write_json(paths.fetched_dir(copy, "tiny-plt") / "fetched.json", {"transcoders": record})
+    with pytest.raises(MissingOutputs, match=r"No feature pages .*tiny-plt.*dvc repro features@"):
+        catalog.find_pages(copy, profile)
+    # params.yaml beside the outputs folder names the stage
+    params = {
+        "zoo": {"models": {}, "transcoders": {}},
+        "profiles": {"tiny-plt": {"model": str(root), "transcoders": record["source"]}},
+        "prompts": [{"id": "dallas", "text": PROMPTS["dallas"]}],
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(MissingOutputs, match=r"add `NAME: tiny-plt` under `features.sets`"):
+        catalog.find_pages(copy, profile)
+    params["features"] = {"sets": {"plt-pages": "tiny-plt"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(MissingOutputs, match=r"run `dvc repro features@plt-pages`"):
+        catalog.find_pages(copy, profile)
+    moved = catalog.Profile("p", {"transcoders": "/elsewhere/set"}, ("q",))
+    with pytest.raises(MissingOutputs, match=r"/elsewhere/set.*`dvc repro features@SET`"):
+        catalog.find_pages(copy, moved)
+    with pytest.raises(MissingOutputs, match="features@"):
+        catalog.find_pages(tmp_path / "empty", profile)

@@ -175,3 +175,72 @@ def test_cli_prints_the_estimate_as_json(tmp_path: Path, capsys) -> None:
     assert found["feature_nodes"] == 7 and found["active_from"] == "prompt"
     assert found["n_pos"] == rm.tokenize("the capital of the state containing Dallas is").shape[0]
     assert shapes_of_model(rm).d_transcoder == found["d_transcoder"]
+
+
+# ---- hub profiles, without downloading weights -------------------------------------------------
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from hub_server import FakeHubServer, point_client_at
+
+    with FakeHubServer() as hub:
+        point_client_at(hub, monkeypatch, tmp_path / "hf-home")
+        yield hub
+
+
+@pytest.mark.parametrize("stored", ["safetensors", "npz-in-another-repo"])
+def test_no_weights_estimate_of_a_hub_profile_reads_only_headers(
+    fake_hub, tmp_path: Path, capsys, stored: str
+) -> None:
+    import io
+
+    import numpy as np
+    import yaml
+    from safetensors.torch import load_file
+
+    local = write_fixture(tmp_path / "local", family="llama", kind="plt-topk")
+    fake_hub.add_folder("org/tiny-model", local["model"])
+    weights = sorted(local["transcoders"].glob("layer_*.safetensors"))
+    if stored == "safetensors":
+        fake_hub.add_folder("org/tiny-set", local["transcoders"])
+        weight_bytes = sum(p.stat().st_size for p in weights)
+    else:  # GemmaScope's shape: a config listing params.npz files of another repo
+        files = {}
+        for i, path in enumerate(weights):
+            tensors, buffer = load_file(path), io.BytesIO()
+            tensors["W_enc"] = tensors["W_enc"].T  # GemmaScope stores (d_model, d_transcoder)
+            np.savez(buffer, **{k: v.numpy() for k, v in tensors.items()})
+            files[f"layer_{i}/params.npz"] = buffer.getvalue()
+        fake_hub.add_repo("org/weights", files)
+        config = yaml.safe_load((local["transcoders"] / "config.yaml").read_text())
+        config["transcoders"] = [f"hf://org/weights/{name}" for name in files]
+        fake_hub.add_repo("org/tiny-set", {"config.yaml": yaml.safe_dump(config).encode()})
+        weight_bytes = sum(len(b) for b in files.values())
+    prompt = "the capital of the state containing Dallas is"
+    args = ["estimate", "--prompt", prompt, "--no-weights", "--json"]
+    assert main([*args, "--model", "org/tiny-model", "--transcoders", "hf://org/tiny-set"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+
+    # no weight file crossed the network whole: only ranged reads of their headers
+    weight_gets = [
+        r for r in fake_hub.requests if r.startswith("GET") and (".safetensors" in r or ".npz" in r)
+    ]
+    assert weight_gets and all("bytes=" in r for r in weight_gets)
+    cache = Path(constants_cache())
+    assert not [p for p in cache.rglob("*") if p.suffix in (".safetensors", ".npz")]
+    model_bytes = sum(p.stat().st_size for p in local["model"].iterdir())
+    assert remote["download_bytes"] == model_bytes + weight_bytes
+
+    found = estimate_prompt(
+        str(local["model"]), str(local["transcoders"]), prompt, use_weights=False
+    )
+    same = {
+        k: v for k, v in found.to_dict().items() if k not in ("available_bytes", "download_bytes")
+    }
+    assert {k: remote[k] for k in same} == same
+    assert found.download_bytes == 0
+
+
+def constants_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE

@@ -21,24 +21,32 @@ from tracer.model.families import (
     hook_point,
     norm_eps,
     normalize,
+    text_config,
 )
-from tracer.testing import FIXTURE_FAMILIES, build_model
+from tracer.testing import ALL_FIXTURE_FAMILIES, build_model
 
 IDS = torch.tensor([[0, 5, 9, 17, 3, 22, 41, 8, 30, 11]])  # longer than gemma2's sliding window
 ATOL = 1e-12  # float64; the only rounding is one residual addition
 
 # Where the residual stream receives attention's and the MLP's contribution, from DESIGN.md
-# sections 4 and 7 (written independently of the table): (attention write, MLP read, MLP write).
+# sections 4 and 7 and the transformers sources of the decoder layers (written independently of
+# the table): (attention write, MLP read, MLP write).
+GEMMA_POINTS = (
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
 EXPECTED_POINTS = {
     "gpt2": ("attn", "ln_2", "mlp"),
     "llama": ("self_attn", "post_attention_layernorm", "mlp"),
     "qwen3": ("self_attn", "post_attention_layernorm", "mlp"),
-    "gemma2": (
-        "post_attention_layernorm",
-        "pre_feedforward_layernorm",
-        "post_feedforward_layernorm",
-    ),
+    "gemma2": GEMMA_POINTS,
+    "gemma3": GEMMA_POINTS,
+    "gemma3_multimodal": GEMMA_POINTS,
+    "gpt_oss": ("self_attn", "post_attention_layernorm", "mlp"),  # the whole MoE block
 }
+# families whose token embedding module multiplies by sqrt(d_model)
+SCALED_EMBEDDING = ("gemma2", "gemma3", "gemma3_multimodal")
 
 
 def first(value):
@@ -51,6 +59,7 @@ class Capture:
     def __init__(self) -> None:
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
+        self.tuples: dict[str, bool] = {}  # whether the module returned a tuple
         self.handles: list = []
 
     def watch(self, name: str, module: torch.nn.Module) -> None:
@@ -58,6 +67,7 @@ class Capture:
             x = args[0] if args else kwargs["hidden_states"]
             self.inputs[name] = x.detach().clone()
             self.outputs[name] = first(output).detach().clone()
+            self.tuples[name] = isinstance(output, tuple)
 
         self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
@@ -70,7 +80,7 @@ def family(name: str) -> Family:
     return next(f for f in FAMILIES if f.name == name)
 
 
-@pytest.fixture(scope="module", params=FIXTURE_FAMILIES)
+@pytest.fixture(scope="module", params=ALL_FIXTURE_FAMILIES)
 def traced(request):
     """(family, model, capture, output) for one forward of IDS through an unmodified model."""
     fam = family(request.param)
@@ -99,16 +109,20 @@ def test_family_matches_fixture_model_type(traced):
     assert family_for(model.config.model_type) is fam
 
 
+def n_layers(model) -> int:
+    return text_config(model.config).num_hidden_layers
+
+
 def test_pre_mlp_norm_output_is_mlp_input(traced):
     fam, model, cap, _ = traced
-    for i in range(model.config.num_hidden_layers):
+    for i in range(n_layers(model)):
         assert torch.equal(cap.outputs[f"{i}.{fam.pre_mlp_norm}"], cap.inputs[f"{i}.{fam.mlp}"])
 
 
 def test_pre_mlp_norm_input_is_residual_after_attention(traced):
     fam, model, cap, _ = traced
     attn_write, _, _ = EXPECTED_POINTS[fam.name]
-    for i in range(model.config.num_hidden_layers):
+    for i in range(n_layers(model)):
         resid_mid = cap.inputs[f"{i}.layer"] + cap.outputs[f"{i}.{attn_write}"]
         torch.testing.assert_close(
             cap.inputs[f"{i}.{fam.pre_mlp_norm}"], resid_mid, rtol=0, atol=ATOL
@@ -116,11 +130,14 @@ def test_pre_mlp_norm_input_is_residual_after_attention(traced):
 
 
 def test_mlp_write_output_is_what_the_mlp_block_adds(traced):
+    """The write module's output (its first element for a block returning a tuple, as GPT-OSS's
+    mixture of experts returns its router scores too) is what the block adds."""
     fam, model, cap, _ = traced
-    for i in range(model.config.num_hidden_layers):
+    for i in range(n_layers(model)):
         added = cap.outputs[f"{i}.layer"] - cap.inputs[f"{i}.{fam.pre_mlp_norm}"]
         torch.testing.assert_close(cap.outputs[f"{i}.{fam.mlp_write}"], added, rtol=0, atol=ATOL)
         assert added.abs().max() > 1e-3  # the MLP contributes something
+        assert cap.tuples[f"{i}.{fam.mlp}"] is fam.mlp_returns_tuple
 
 
 def test_embed_out_output_enters_layer_zero(traced):
@@ -130,14 +147,14 @@ def test_embed_out_output_enters_layer_zero(traced):
 
 
 def test_embed_tokens_output_is_the_token_embedding_alone(traced):
-    """Token nodes write `embed_tokens`' output: the embedding row of each token (Gemma-2: times
-    sqrt(d_model), the scale its residual stream receives); what else enters layer 0 is GPT-2's
-    learned position embedding, and nothing for the others."""
+    """Token nodes write `embed_tokens`' output: the embedding row of each token (Gemma-2 and -3:
+    times sqrt(d_model), the scale their residual stream receives); what else enters layer 0 is
+    GPT-2's learned position embedding, and nothing for the others."""
     fam, model, cap, _ = traced
     rows = model.get_input_embeddings().weight[IDS]  # (1, n_pos, d_model)
     rtol = 0.0
-    if fam.name == "gemma2":  # its scale is a float32 buffer: sqrt(d_model) to float32 precision
-        rows, rtol = rows * model.config.hidden_size**0.5, 1e-7
+    if fam.name in SCALED_EMBEDDING:  # a float32 buffer: sqrt(d_model) to float32 precision
+        rows, rtol = rows * text_config(model.config).hidden_size ** 0.5, 1e-7
     torch.testing.assert_close(cap.outputs["embed_tokens"], rows, rtol=rtol, atol=ATOL)
     rest = cap.outputs["embed_out"] - cap.outputs["embed_tokens"]
     if fam.name == "gpt2":
@@ -151,7 +168,7 @@ def test_embed_tokens_output_is_the_token_embedding_alone(traced):
 def test_final_norm_output_is_last_hidden_state(traced):
     fam, model, cap, out = traced
     assert torch.equal(cap.outputs["final_norm"], out.hidden_states[-1])
-    n = model.config.num_hidden_layers
+    n = n_layers(model)
     assert torch.equal(cap.inputs["final_norm"], cap.outputs[f"{n - 1}.layer"])
     with torch.no_grad():
         last = get_module(model, fam.base)(IDS).last_hidden_state
@@ -163,9 +180,11 @@ def test_logits_are_unembedded_final_norm_output(traced):
     unembed = model.get_output_embeddings().weight  # (vocab, d_model)
     logits = torch.einsum("bnd,vd->bnv", cap.outputs["final_norm"], unembed)
     if fam.final_softcap_attr:
-        cap_value = getattr(model.config, fam.final_softcap_attr)
-        assert cap_value  # the gemma2 fixture has a soft-cap: the branch is exercised
+        cap_value = getattr(text_config(model.config), fam.final_softcap_attr)
+        assert cap_value  # the gemma fixtures have a soft-cap: the branch is exercised
         logits = torch.tanh(logits / cap_value) * cap_value
+    if fam.name == "gemma3_multimodal":  # configured, but its forward never applies it
+        assert text_config(model.config).final_logit_softcapping
     torch.testing.assert_close(out.logits, logits, rtol=0, atol=ATOL)
 
 
@@ -197,7 +216,7 @@ def test_norm_style_matches_every_residual_and_final_norm(traced):
 # ---- hook names --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", FIXTURE_FAMILIES)
+@pytest.mark.parametrize("name", ALL_FIXTURE_FAMILIES)
 @pytest.mark.parametrize("prefix", ["", "blocks.3."])
 def test_hook_point_maps_transformer_lens_names(name: str, prefix: str):
     """TransformerLens's meaning (DESIGN.md section 4): resid_mid is the pre-MLP norm's input,
@@ -287,5 +306,16 @@ def test_family_for_rejects_unknown_model_type_naming_supported_ones():
         family_for("mamba")
     message = str(info.value)
     assert "'mamba'" in message
-    for model_type in ("gpt2", "llama", "qwen3", "gemma2"):
+    for model_type in ("gpt2", "llama", "qwen3", "gemma2", "gemma3_text", "gemma3", "gpt_oss"):
         assert model_type in message
+
+
+def test_every_family_has_a_fixture_and_a_cli_choice():
+    """The family table, the fixture builder and `tracer fixture --family` name the same
+    families, so every family runs through the per-family tests above."""
+    from tracer.cli.parser import build_parser
+
+    assert {f.name for f in FAMILIES} == set(ALL_FIXTURE_FAMILIES)
+    fixture = build_parser()._subparsers._group_actions[0].choices["fixture"]
+    (family_option,) = [a for a in fixture._actions if "--family" in a.option_strings]
+    assert set(family_option.choices) == set(ALL_FIXTURE_FAMILIES)

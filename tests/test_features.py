@@ -96,7 +96,10 @@ def test_top_examples_equal_brute_force(case):
             assert int(filled.sum()) == k
             assert torch.allclose(page.top.values[feature][:k], expected, rtol=1e-6, atol=1e-7)
             for slot in range(k):
-                ex, pos = int(page.top.example[feature, slot]), int(page.top.position[feature, slot])
+                ex, pos = (
+                    int(page.top.example[feature, slot]),
+                    int(page.top.position[feature, slot]),
+                )
                 n = len(examples[ex])
                 assert page.top.tokens[feature, slot, :n].tolist() == examples[ex]
                 assert torch.allclose(page.top.acts[feature, slot, :n], column[ex], atol=1e-6)
@@ -271,3 +274,62 @@ def test_bad_label_and_corrupt_pages_are_clear_errors(stored, tmp_path):
     (broken / "index.json").write_text("{not json")
     with pytest.raises(PagesError, match="index.json is missing or corrupt"):
         FeaturePages(broken)
+
+
+def test_human_label_overrides_the_automatic_one_in_the_viewer_document(tmp_path):
+    from tracer.attribution.attribute import attribute
+    from tracer.graph.summary import prune_graph
+
+    model = make_model("plt-jumprelu")
+    pages = collect_pages(model, random_examples(30, model.vocab_size), SETTINGS)
+    tokenizer = model.tokenizer
+    folder = tmp_path / "set"
+    save_pages(folder, pages, SETTINGS, lambda ids: [tokenizer.decode([i]) for i in ids], {})
+    graph = attribute("the capital of the state containing Dallas is", model, progress=False)
+    document = prune_graph(graph, 0.99, 0.99, tokenizer=tokenizer).document
+    feature_nodes = [n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert feature_nodes and all(n["clerp"] == "" for n in feature_nodes)  # no labels given
+    layer, feature, _ = map(int, feature_nodes[0]["node_id"].split("_"))
+    set_label(tmp_path / "labels.tsv", FeaturePages(folder), layer, feature, "state capital")
+    labels = Labels.open(folder, tmp_path / "labels.tsv")
+    document = prune_graph(graph, 0.99, 0.99, tokenizer=tokenizer, labels=labels).document
+    reader = FeaturePages(folder)
+    for node in document["nodes"]:
+        if node["feature_type"] != "cross layer transcoder":
+            continue
+        l, f, _ = map(int, node["node_id"].split("_"))
+        if (l, f) == (layer, feature):
+            assert node["clerp"] == "state capital"
+        else:
+            assert node["clerp"] == auto_label(reader.page(l, f), reader.text)
+
+
+def test_dataset_files_bad_input(tmp_path):
+    from tracer.experiments.datasets import read_texts
+    from tracer.features.pages import examples_from_texts
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="empty.txt is empty"):
+        list(read_texts(empty))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.txt is not UTF-8"):
+        list(read_texts(latin))
+    records = tmp_path / "data.jsonl"
+    records.write_text('{"text": "the city"}\n{"body": "x"}\n')
+    with pytest.raises(ValueError, match=r"data.jsonl:2: expected an object with a string 'text'"):
+        list(read_texts(records))
+    with pytest.raises(ValueError, match="must be a .txt or .jsonl"):
+        list(read_texts(tmp_path / "data.csv"))
+    short = tmp_path / "short.txt"
+    short.write_text("the city\n")
+    model = make_model("clt")
+    with pytest.raises(ValueError, match="2 tokens, fewer than one example's context"):
+        examples_from_texts(model, read_texts(short), SETTINGS)
+    # long texts are split into examples of `context` tokens, start token first
+    text = " ".join(["the capital of the state"] * 5)
+    examples = examples_from_texts(model, [text], SETTINGS)
+    assert [len(e) for e in examples] == [9, 9, 9, 2]  # 25 tokens in pieces of 8
+    assert all(e[0] == 0 for e in examples)
+    assert sum(examples, [])[1:9] == model.tokenizer(text)["input_ids"][:8]

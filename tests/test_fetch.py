@@ -15,7 +15,7 @@ from hub_server import FakeHubServer, point_client_at
 from huggingface_hub import constants
 
 from tracer.attribution.attribute import attribute
-from tracer.experiments.fetch import FetchError, fetch_profile, folder_sha256
+from tracer.experiments.fetch import FetchError, fetch_profile, folder_sha256, materialize
 from tracer.model.replacement import ReplacementModel
 from tracer.testing import build_model, build_tokenizer, build_transcoders
 from tracer.transcoders.files import save_transcoders
@@ -46,32 +46,46 @@ def hub(local_profile: dict[str, Path], tmp_path: Path, monkeypatch: pytest.Monk
         yield server
 
 
-def test_fetch_pins_the_commit_and_loads(hub: FakeHubServer, local_profile: dict[str, Path]):
+def test_fetch_pins_the_commit_and_loads(
+    hub: FakeHubServer, local_profile: dict[str, Path], tmp_path: Path
+):
     got = fetch_profile(MODEL, f"hf://{SET}/layers@main", revision="main")
     model_sha, set_sha = hub.repos[MODEL][0]["main"], hub.repos[SET][0]["main"]
     assert got["model"]["revision"] == model_sha and got["transcoders"]["revision"] == set_sha
-    # Same files as the local folders, so the same content hash.
-    for part in ("model", "transcoders"):
-        assert got[part]["sha256"] == folder_sha256(local_profile[part])
-    assert Path(got["transcoders"]["path"]).parts[-3:] == ("snapshots", set_sha, "layers")
+    # The model is the snapshot as it is: the local folder's content hash.
+    assert got["model"]["sha256"] == folder_sha256(local_profile["model"])
+    names = sorted(f["name"] for f in got["transcoders"]["files"])
+    assert names == ["layer_0.safetensors", "layer_1.safetensors"]
+    assert {f["uri"] for f in got["transcoders"]["files"]} == {
+        f"hf://{SET}/layers/{n}@{set_sha}" for n in names
+    }
 
     hub.requests.clear()
     again = fetch_profile(
         MODEL, f"hf://{SET}/layers", revision=model_sha, transcoder_revision=set_sha
     )
-    assert hub.requests == []  # pinned commits: pure cache hits, checksums from the cache
+    # pinned commits: no download and no checksum listing (both from the cache); the only
+    # request left is the listing of the set's folder for its layer_{i} files
+    assert [r for r in hub.requests if "/tree/" not in r] == []
     assert [again[p]["sha256"] for p in ("model", "transcoders")] == [
         got[p]["sha256"] for p in ("model", "transcoders")
     ]
 
-    rm = ReplacementModel.from_pretrained(got["model"]["path"], got["transcoders"]["path"])
+    laid_out = {part: materialize(got[part], tmp_path / part) for part in ("model", "transcoders")}
+    for name in names:  # the weights are the published files, byte for byte
+        published = local_profile["transcoders"] / name
+        assert (tmp_path / "transcoders" / name).read_bytes() == published.read_bytes()
+    assert folder_sha256(tmp_path / "transcoders") == got["transcoders"]["sha256"]
+    rm = ReplacementModel.from_pretrained(
+        laid_out["model"]["path"], laid_out["transcoders"]["path"]
+    )
     graph = attribute([5, 6, 7], rm, progress=False)
     assert graph.adjacency_matrix.isfinite().all()
 
 
 def test_corrupt_download_is_caught_and_evicted(hub: FakeHubServer):
     hub.corrupt.add((MODEL, WEIGHTS))  # same size, different bytes: the client alone accepts it
-    with pytest.raises(FetchError, match=rf"'{MODEL}'.*'main'.*'{WEIGHTS}'.*checksum"):
+    with pytest.raises(FetchError, match=rf"'{MODEL}'.*'{WEIGHTS}'.*checksum"):
         fetch_profile(MODEL, f"hf://{SET}/layers")
     snapshot = Path(hub_cache_repo(MODEL)) / "snapshots"
     assert not list(snapshot.rglob(WEIGHTS))
@@ -98,7 +112,7 @@ def hub_cache_repo(repo_id: str) -> str:
             {"revision": "v9"},
             rf"'{MODEL}' at revision 'v9'.*not found",
         ),
-        (MODEL, f"hf://{SET}/other@main", {}, rf"'{SET}' at revision 'main'.*'other/config.yaml'"),
+        (MODEL, f"hf://{SET}/other@main", {}, rf"repo '{SET}', path 'other/config.yaml'.*'main'"),
     ],
 )
 def test_unresolvable_references(hub: FakeHubServer, model, transcoders, kwargs, match):
@@ -106,8 +120,9 @@ def test_unresolvable_references(hub: FakeHubServer, model, transcoders, kwargs,
         fetch_profile(model, transcoders, **kwargs)
 
 
-def test_model_repo_without_weights(hub: FakeHubServer):
-    hub.add_repo("org/empty", {"config.json": b"{}", "README.md": b"no weights"})
+def test_model_repo_without_weights(hub: FakeHubServer, local_profile: dict[str, Path]):
+    config = (local_profile["model"] / "config.json").read_bytes()
+    hub.add_repo("org/empty", {"config.json": config, "README.md": b"no weights"})
     with pytest.raises(FetchError, match=r"'org/empty' at revision 'main'.*\*\.safetensors"):
         fetch_profile("org/empty", f"hf://{SET}/layers")
 
@@ -122,7 +137,8 @@ def test_unreachable_server(hub: FakeHubServer, monkeypatch: pytest.MonkeyPatch)
         "HUGGINGFACE_CO_URL_TEMPLATE",
         closed + "/{repo_id}/resolve/{revision}/{filename}",
     )
-    with pytest.raises(FetchError, match=rf"'{MODEL}' at revision 'v1'.*cannot be reached"):
+    # the set's config is read first (before any weights), so it is the one that cannot be had
+    with pytest.raises(FetchError, match=rf"hf://{SET}/layers.*'{SET}'.*cannot be reached"):
         fetch_profile(MODEL, f"hf://{SET}/layers", revision="v1")
 
 
@@ -155,7 +171,9 @@ def test_truncated_download_becomes_a_fetch_error(hub: FakeHubServer):
 def test_stage_writes_one_record_per_profile(
     hub: FakeHubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    project = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # the sections every params.yaml must have; the others (which may name profiles) default
+    params = {key: project[key] for key in ("zoo", "prompts")}
     params["profiles"] = {
         "tiny": {"model": MODEL, "revision": "main", "transcoders": f"hf://{SET}/layers"},
         "off": {"model": "org/absent", "transcoders": "hf://org/absent", "enabled": False},
@@ -184,3 +202,19 @@ def test_stage_writes_one_record_per_profile(
         str(work / tiny["model"]["path"]), str(work / tiny["transcoders"]["path"])
     )
     assert model.n_layers > 0
+
+
+def test_hub_profiles_are_written_out_disabled():
+    """The four hub profiles, under the repo names the reference tool uses, off by default."""
+    from tracer.experiments.params import load_params
+    from tracer.hub import is_hf_uri, parse_hf_uri
+
+    profiles = load_params(ROOT / "params.yaml").profiles
+    hub = [p for p in profiles.values() if is_hf_uri(p.transcoders)]
+    assert {(p.model, parse_hf_uri(p.transcoders).repo_id) for p in hub} == {
+        ("google/gemma-2-2b", "mntss/gemma-scope-transcoders"),
+        ("meta-llama/Llama-3.2-1B", "mntss/clt-llama-3.2-1b-524k"),
+        ("google/gemma-3-1b-pt", "mwhanna/gemma-scope-2-1b-pt"),
+        ("Qwen/Qwen3-0.6B", "mwhanna/qwen3-0.6b-transcoders-lowl0"),
+    }
+    assert not any(p.enabled for p in hub)

@@ -46,6 +46,15 @@ def test_shipped_params_are_valid():
         (lambda d: d["attribution"].update(max_feature_nodes=0), "attribution.max_feature_nodes"),
         (lambda d: d["profiles"]["gpt2-clt"].update(dtype="float16"), "gpt2-clt.dtype"),
         (lambda d: d.update(prompts=[]), "prompts"),
+        (lambda d: d["features"]["sets"].update(x="nope"), "features.sets.x: 'nope' is not"),
+        (
+            lambda d: d["features"]["sets"].update(again="gpt2-clt"),
+            "build pages of the same transcoder set",
+        ),
+        (lambda d: d["features"].update(quantiles=[0.9, 0.5]), "features.quantiles"),
+        (lambda d: d["features"].update(histogram_bins=30), "power of two"),
+        (lambda d: d["features"].update(dataset="data.csv"), ".txt or .jsonl"),
+        (lambda d: d["features"].update(context=1), "features.context"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, edit, message):
@@ -73,3 +82,12 @@ def test_attribution_keys_are_attribute_keyword_arguments():
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     assert set(AttributionParams.model_fields) <= keywords
+
+
+def test_profiles_sharing_a_set_share_its_pages():
+    from tracer.experiments.params import Params
+
+    assert load_params(REPO / "params.yaml").feature_set("gpt2-clt") == "gpt2-clt"
+    document = shipped()
+    document["profiles"]["gpt2-clt-64"] = dict(document["profiles"]["gpt2-clt"], dtype="float64")
+    assert Params.model_validate(document).feature_set("gpt2-clt-64") == "gpt2-clt"

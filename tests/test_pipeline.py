@@ -96,13 +96,17 @@ def edit_params(clone: Path, edit: Callable[[dict], None]) -> None:
 
 
 def cut_down(params: dict) -> None:
-    """One enabled zoo profile (the disabled hub profiles stay) and the first two prompts."""
+    """One enabled zoo profile (the disabled hub profiles stay), the first two prompts, the
+    feature pages of that profile's set only, over a few thousand tokens."""
     params["profiles"] = {
         name: profile
         for name, profile in params["profiles"].items()
         if name == PROFILE or profile.get("enabled", True) is False
     }
     params["prompts"] = params["prompts"][:N_PROMPTS]
+    sets = params["features"]["sets"]
+    params["features"]["sets"] = {name: p for name, p in sets.items() if p == PROFILE}
+    params["features"]["n_tokens"] = 3000
 
 
 def digests(root: Path, *folders: str) -> dict[str, str]:
@@ -322,7 +326,10 @@ def test_changing_one_profile_reruns_only_its_stages(built: Built, tmp_path: Pat
 
     running = stages_run_after(clone, lambda p: p["profiles"][PROFILE].update(dtype="float64"))
     assert running[0] == "params" and running[-2:] == list(LAST)
-    assert sorted(running[1:-2]) == sorted(stages_of(PROFILE))
+    # the profile's stages and its set's pages (built with its model, now in float64); new pages
+    # may relabel any graph's nodes, so every prune stage runs (a disabled one just records that)
+    prunes = {f"prune@{name}" for name in read_params(clone)["profiles"]}
+    assert sorted(running[1:-2]) == sorted({*stages_of(PROFILE), f"features@{PROFILE}"} | prunes)
     n_parents, n_nested, children = newest_pipeline(uri)
     assert (n_parents, n_nested) == (2, 2 * N_PROMPTS)
     assert [r.data.params["dtype"] for r in children] == ["float64"] * N_PROMPTS
@@ -331,7 +338,7 @@ def test_changing_one_profile_reruns_only_its_stages(built: Built, tmp_path: Pat
     plt = {"model": "zoo/models/gpt2", "transcoders": "zoo/transcoders/gpt2/plt-jumprelu"}
     running = stages_run_after(clone, lambda p: p["profiles"].update({added: plt}))
     assert running[0] == "params" and running[-2:] == list(LAST)
-    assert sorted(running[1:-2]) == sorted(stages_of(added))
+    assert sorted(running[1:-2]) == sorted(stages_of(added))  # no pages for its set listed
     n_parents, n_nested, children = newest_pipeline(uri)
     assert (n_parents, n_nested) == (3, 3 * N_PROMPTS)  # the unchanged profile is not logged again
     assert [r.data.params["profile"] for r in children] == [added] * N_PROMPTS
@@ -342,13 +349,37 @@ def test_new_thresholds_reprune_without_attributing(built: Built, tmp_path: Path
     clone = copy_of(built, tmp_path)
     graphs = digests(clone, "outputs/graphs")
     running = stages_run_after(clone, lambda p: p["pruning"].update(node_threshold=0.6))
-    # every profile's prune stage (a disabled one just records that), no other per-profile stage
+    # every profile's prune stage (a disabled one just records that), no other per-profile stage:
+    # in particular the feature pages are not built again
     prunes = sorted(f"prune@{name}" for name in read_params(clone)["profiles"])
     assert running[0] == "params" and running[-2:] == list(LAST)
     assert sorted(running[1:-2]) == prunes
     assert digests(clone, "outputs/graphs") == graphs
     _, _, children = newest_pipeline(sqlite_uri(clone))
     assert [r.data.params["node_threshold"] for r in children] == ["0.6"] * N_PROMPTS
+
+
+def test_a_new_dataset_rebuilds_the_pages_and_relabels(built: Built, tmp_path: Path) -> None:
+    clone = copy_of(built, tmp_path)
+    before = digests(clone, f"outputs/features/{PROFILE}")
+    lines = (clone / "zoo/corpus/train.txt").read_text().splitlines()
+    (clone / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[::-3]))
+    running = stages_run_after(clone, lambda p: p["features"].update(dataset="texts.jsonl"))
+    prunes = {f"prune@{name}" for name in read_params(clone)["profiles"]}
+    assert running[0] == "params" and running[-2:] == list(LAST)
+    assert sorted(running[1:-2]) == sorted({f"features@{PROFILE}"} | prunes)
+    assert digests(clone, f"outputs/features/{PROFILE}") != before
+    index = json.loads((clone / f"outputs/features/{PROFILE}/index.json").read_text())
+    assert index["dataset"] == "texts.jsonl"
+    assert (
+        index["dataset_sha256"] == hashlib.sha256((clone / "texts.jsonl").read_bytes()).hexdigest()
+    )
+    # the viewer documents carry the new pages' labels
+    document = json.loads(
+        (clone / f"outputs/profiles/{PROFILE}/two-hop-tampa/pruned.json").read_text()
+    )
+    features = [n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert features and any(n["clerp"] for n in features)
 
 
 def test_attributing_again_gives_identical_files_and_logs_nothing(

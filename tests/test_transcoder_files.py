@@ -462,3 +462,44 @@ def test_revision_for_a_local_folder(tmp_path: Path):
 def test_not_a_folder(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="nowhere is not a folder"):
         load_transcoders(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"subfolder": "clt"}, r"\['subfolder'\] given without repo_id"),
+        ({"repo_id": "org/w", "transcoders": ["a.safetensors"]}, "either transcoders:.*not both"),
+        ({"repo_id": "org/w/extra"}, "must be 'org/name' only"),
+        ({"repo_id": "org/w", "revision": 3}, "revision must be a string, got 3"),
+    ],
+)
+def test_bad_location_keys(tmp_path: Path, config: dict, match: str):
+    write_config(tmp_path, **config)
+    with pytest.raises(TranscoderFileError, match=match):
+        load_transcoders(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ("s3://bucket/layer_1.safetensors", r"transcoders\[1\] 's3://.*neither a path"),
+        ({"path": "layer_1.safetensors"}, r"transcoders\[1\] must be a path or an hf://"),
+        ("../outside.safetensors", r"outside.safetensors does not exist"),
+        ("layer_1.ckpt", r"layer_1.ckpt: .ckpt files are pickles"),
+    ],
+)
+def test_bad_transcoder_entries(tmp_path: Path, entry, match: str):
+    write_plt_folder(tmp_path, transcoders=["layer_0.safetensors", entry])
+    with pytest.raises((TranscoderFileError, FileNotFoundError), match=match):
+        load_transcoders(tmp_path)
+
+
+def test_clt_listed_file_by_file_needs_gemmascope2_tensors(tmp_path: Path):
+    write_plt_folder(tmp_path, model_kind="cross_layer_transcoder")
+    write_config(
+        tmp_path,
+        model_kind="cross_layer_transcoder",
+        transcoders=["layer_0.safetensors", "layer_1.safetensors"],
+    )
+    with pytest.raises(TranscoderFileError, match="needs GemmaScope-2 tensors.*W_dec"):
+        load_transcoders(tmp_path)

@@ -21,7 +21,7 @@ from tracer.attribution.attribute import attribute
 from tracer.interventions.intervene import TokenChange
 from tracer.model.families import family_for, get_module
 from tracer.model.replacement import ReplacementModel
-from tracer.testing import FIXTURE_FAMILIES, build_model, build_transcoders, direct_run
+from tracer.testing import ALL_FIXTURE_FAMILIES, build_model, build_transcoders, direct_run
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
 IDS = torch.tensor([0, *PROMPT])  # the start token the replacement model prepends
@@ -78,7 +78,7 @@ def eps_of(norm: torch.nn.Module) -> float:
 
 
 # ---- ln2.hook_normalized -----------------------------------------------------------------------
-@pytest.mark.parametrize("family", FIXTURE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FIXTURE_FAMILIES)
 def test_activations_read_at_hook_normalized_are_the_pre_weight_normalised_input(family):
     """Activations of a ReLU set declaring `ln2.hook_normalized` are relu(x_hat @ W_enc.T + b_enc)
     with x_hat the pre-MLP norm's input normalised by hand; the MLP input gives others."""
@@ -108,7 +108,7 @@ def test_activations_read_at_hook_normalized_are_the_pre_weight_normalised_input
         assert (at_mlp_input > 0).ne(expected > 0).sum() > 10
 
 
-@pytest.mark.parametrize("family", FIXTURE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FIXTURE_FAMILIES)
 def test_frozen_hook_normalized_read_times_the_weight_is_the_frozen_norm_output(family):
     """In the direct-effect model, with a source removed so resid_mid moves, the read at
     `ln2.hook_normalized` times the norm's weight (plus bias) is what the frozen norm outputs:

@@ -17,7 +17,7 @@ from tracer.attribution.attribute import attribute
 from tracer.interventions.intervene import FeatureChange, intervene
 from tracer.interventions.modes import MODES
 from tracer.model.replacement import ReplacementModel
-from tracer.testing import FIXTURE_FAMILIES, build_model, build_transcoders
+from tracer.testing import ALL_FIXTURE_FAMILIES, build_model, build_transcoders
 
 IDS = torch.tensor([[0, 5, 9, 17, 3, 22, 41, 8]])
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -58,7 +58,7 @@ def assert_same_model(model: torch.nn.Module, untouched: torch.nn.Module) -> Non
     model.train(), untouched.train()
 
 
-@pytest.mark.parametrize("family", FIXTURE_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FIXTURE_FAMILIES)
 def test_close_restores_the_model_exactly(family: str):
     model = user_model(family)
     untouched = copy.deepcopy(model)

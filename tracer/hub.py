@@ -1,5 +1,8 @@
 """References to the Hugging Face hub: `hf://` URIs, downloads at a pinned revision, clear errors.
 
+Also what is known without downloading: a branch resolved to its commit (`pin`), a folder's or a
+repo's file listing with sizes and checksums (`list_folder`, `repo_files`) and a file read by HTTP
+range requests (`open_remote`, for file headers).
 Everything goes through huggingface_hub, so its cache, `HF_HUB_CACHE`, `HF_HUB_OFFLINE` and
 `HF_ENDPOINT` apply as usual. URI forms accepted (model repos only):
 - `hf://org/repo/sub/path@rev` (this project's configs: the revision after the path);
@@ -9,6 +12,7 @@ Everything goes through huggingface_hub, so its cache, `HF_HUB_CACHE`, `HF_HUB_O
 
 from __future__ import annotations
 
+import io
 import posixpath
 import re
 from dataclasses import dataclass
@@ -16,7 +20,14 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs
 
 import httpx2
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import (
+    HfApi,
+    RepoFile,
+    constants,
+    hf_hub_download,
+    hf_hub_url,
+    snapshot_download,
+)
 from huggingface_hub import utils as hf_utils
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -30,6 +41,19 @@ from huggingface_hub.errors import (
 
 HF_SCHEME = "hf://"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+# What a model needs to load with transformers: config, weights and tokenizer files, nothing else.
+MODEL_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+]
 # What huggingface_hub raises when a repo, revision or file cannot be had (connection included).
 HUB_ERRORS = (
     HfHubHTTPError,
@@ -128,6 +152,115 @@ def resolve_repo_path(ref: HfRef, *, allow_patterns: list[str] | None = None) ->
     if not local.exists():
         raise HubError(ref, f"{path!r} is not in the downloaded snapshot {root}")
     return local
+
+
+def is_commit(revision: str | None) -> bool:
+    return revision is not None and _COMMIT.fullmatch(revision) is not None
+
+
+def pin(ref: HfRef, pins: dict[tuple[str, str | None], str | None]) -> HfRef:
+    """`ref` at a commit sha: a branch or tag is looked up once per repo (remembered in `pins`).
+
+    Offline, the commit comes from the cache's `refs/` (as huggingface_hub resolves it there);
+    a revision the cache does not know is left as it is, for the download to report.
+    """
+    if is_commit(ref.revision):
+        return ref
+    key = (ref.repo_id, ref.revision)
+    if key not in pins:
+        revision = ref.revision or constants.DEFAULT_REVISION
+        if constants.HF_HUB_OFFLINE:
+            cached = repo_cache(ref.repo_id) / "refs" / revision
+            pins[key] = cached.read_text().strip() if cached.is_file() else ref.revision
+        else:
+            try:
+                pins[key] = HfApi().model_info(ref.repo_id, revision=revision).sha
+            except HUB_ERRORS as e:
+                raise HubError(ref, error_reason(e)) from e
+    return HfRef(ref.repo_id, ref.path_in_repo, pins[key])
+
+
+def list_folder(ref: HfRef) -> list[str]:
+    """Names of the files directly inside the hub folder `ref`, without downloading them.
+
+    One listing request; offline, the files of the cached snapshot.
+    """
+    if constants.HF_HUB_OFFLINE:
+        local = resolve_repo_path(ref, allow_patterns=["*"])
+        return sorted(p.name for p in local.iterdir() if p.is_file())
+    try:
+        entries = HfApi().list_repo_tree(
+            ref.repo_id, path_in_repo=ref.path_in_repo or None, revision=ref.revision
+        )
+        paths = [e.path for e in entries if isinstance(e, RepoFile)]
+    except HUB_ERRORS as e:
+        raise HubError(ref, error_reason(e)) from e
+    parent = PurePosixPath(ref.path_in_repo or ".")
+    return sorted(PurePosixPath(p).name for p in paths if PurePosixPath(p).parent == parent)
+
+
+def repo_files(repo_id: str, revision: str) -> dict[str, RepoFile]:
+    """Every file of a repo at `revision` with its size and checksum (LFS sha256 or git blob id)."""
+    try:
+        tree = HfApi().list_repo_tree(repo_id, revision=revision, recursive=True)
+        return {e.path: e for e in tree if isinstance(e, RepoFile)}
+    except HUB_ERRORS as e:
+        raise HubError(HfRef(repo_id, "", revision), error_reason(e)) from e
+
+
+class _RemoteFile(io.RawIOBase):
+    """A hub file read with HTTP range requests: only the bytes asked for cross the network."""
+
+    def __init__(self, ref: HfRef):
+        self.ref, self.position = ref, 0
+        self.url = hf_hub_url(ref.repo_id, ref.path_in_repo, revision=ref.revision)
+        content_range = self._get("bytes=0-0").headers.get("Content-Range", "bytes 0-0/0")
+        self.size = int(content_range.rpartition("/")[2])  # "bytes 0-0/<size>"
+
+    def _get(self, byte_range: str) -> httpx2.Response:
+        try:
+            response = hf_utils.get_session().get(
+                self.url, headers={**hf_utils.build_hf_headers(), "Range": byte_range}
+            )
+            hf_utils.hf_raise_for_status(response)
+        except HUB_ERRORS as e:
+            raise HubError(self.ref, error_reason(e)) from e
+        if response.status_code != 206:
+            raise HubError(self.ref, f"the server ignored a range request ({response.status_code})")
+        return response
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.position, 2: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        end = min(self.size, self.position + len(buffer))
+        if end <= self.position:
+            return 0
+        data = self._get(f"bytes={self.position}-{end - 1}").content
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def open_remote(ref: HfRef) -> io.BufferedReader:
+    """A seekable binary file over the hub file `ref` that downloads only what is read."""
+    return io.BufferedReader(_RemoteFile(ref), buffer_size=1 << 16)
+
+
+def repo_cache(repo_id: str) -> Path:
+    """The repo's folder in huggingface_hub's cache (blobs/, refs/, snapshots/)."""
+    return Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
 
 
 def cached_commit(local_path: Path) -> str | None:

@@ -10,8 +10,14 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -22,7 +28,20 @@ from transformers import (
 from tracer.transcoders.sets import LayerWeights, TranscoderSet
 from tracer.zoo.config import KINDS as TRANSCODER_KINDS
 
-FIXTURE_FAMILIES = ("gpt2", "llama", "gemma2", "qwen3")
+# every family of tracer.model.families, by its fixture name (the family's name)
+ALL_FIXTURE_FAMILIES = (
+    "gpt2",
+    "llama",
+    "gemma2",
+    "qwen3",
+    "gemma3",
+    "gemma3_multimodal",
+    "gpt_oss",
+)
+# the families whose hand-built references in the freezing and intervention tests exist (those
+# hook an MLP block returning a tensor, on a model with one flat config); every family is covered
+# by the family-table, exactness, wrapping and upstream-convention tests
+FIXTURE_FAMILIES = ALL_FIXTURE_FAMILIES[:4]
 
 
 def build_model(
@@ -35,7 +54,12 @@ def build_model(
     context: int = 128,
     seed: int = 0,
 ) -> PreTrainedModel:
-    """A tiny random causal LM of `family`; Llama uses grouped-query attention."""
+    """A tiny random causal LM of `family`; the RoPE families use grouped-query attention.
+
+    Gemma-3 alternates sliding-window and global layers; `gemma3_multimodal` is a
+    `Gemma3ForConditionalGeneration` with a one-layer vision tower (unused by text prompts).
+    GPT-OSS has four experts, two per token, and attention sinks of a size that matters.
+    """
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     if family == "gpt2":
@@ -57,6 +81,56 @@ def build_model(
             model = LlamaForCausalLM(LlamaConfig(**llama_like))
         elif family == "qwen3":
             model = Qwen3ForCausalLM(Qwen3Config(head_dim=d_model // n_heads, **llama_like))
+        elif family in ("gemma3", "gemma3_multimodal"):
+            text = Gemma3TextConfig(
+                head_dim=d_model // n_heads,
+                query_pre_attn_scalar=d_model // n_heads,
+                sliding_window=4,
+                layer_types=[
+                    "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)
+                ],
+                final_logit_softcapping=30.0,
+                **llama_like,
+            )
+            if family == "gemma3":
+                model = Gemma3ForCausalLM(text)
+            else:
+                vision = dict(
+                    model_type="siglip_vision_model",
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    image_size=16,
+                    patch_size=8,
+                )
+                config = Gemma3Config(
+                    text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4
+                )
+                model = Gemma3ForConditionalGeneration(config)
+        elif family == "gpt_oss":
+            rope = dict(
+                rope_type="yarn",  # as the released models, scaled to this context
+                rope_theta=150000.0,
+                factor=32.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=max(1, context // 32),
+            )
+            config = GptOssConfig(
+                head_dim=d_model // n_heads,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                sliding_window=4,
+                rope_parameters=rope,
+                experts_implementation="eager",  # grouped_mm has no float64 kernel
+                **llama_like,
+            )
+            model = GptOssForCausalLM(config)
+            with torch.no_grad():  # sinks that take a real share of each attention row
+                for layer in model.model.layers:
+                    layer.self_attn.sinks.normal_(0.0, 1.0)
         elif family == "gemma2":
             config = Gemma2Config(
                 head_dim=d_model // n_heads,
@@ -68,7 +142,7 @@ def build_model(
             )
             model = Gemma2ForCausalLM(config)
         else:
-            raise ValueError(f"unknown fixture family {family!r}; valid: {FIXTURE_FAMILIES}")
+            raise ValueError(f"unknown fixture family {family!r}; valid: {ALL_FIXTURE_FAMILIES}")
     _perturb_norms(model, seed)
     return model.eval()
 

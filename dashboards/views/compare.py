@@ -1,4 +1,5 @@
-"""Compare page: two pruned graphs side by side (any two profile / prompt pairs)."""
+"""Compare page: two pruned graphs side by side (any two profile / prompt pairs), and A's
+features next to their matches in B, with labels and feature pages."""
 
 import pandas as pd
 import streamlit as st
@@ -7,7 +8,10 @@ from dashboards import widgets
 from dashboards.catalog import MissingOutputs, default_pair, matching_rows
 from dashboards.charts import graph_chart, layer_count_chart
 from dashboards.documents import score_deltas, shared_nodes
+from dashboards.features import feature_nodes, match_table
 from dashboards.layout import layer_counts
+
+FEATURE_KEY = "compare_feature"
 
 outputs = widgets.load_outputs()
 root = outputs.root
@@ -35,6 +39,8 @@ doc_a = widgets.read_or_stop(widgets.document, root, profile_a, prompt_a)
 doc_b = widgets.read_or_stop(widgets.document, root, profile_b, prompt_b)
 scores_a = widgets.read_or_stop(widgets.scores, root, profile_a, prompt_a)
 scores_b = widgets.read_or_stop(widgets.scores, root, profile_b, prompt_b)
+doc_a, labelling_a = widgets.labelled(root, outputs.profile(profile_a), doc_a)
+doc_b, labelling_b = widgets.labelled(root, outputs.profile(profile_b), doc_b)
 same_model = info_a.get("model") == info_b.get("model")
 same_tokens = doc_a["metadata"].get("prompt_tokens") == doc_b["metadata"].get("prompt_tokens")
 same_set = same_model and info_a.get("transcoders") == info_b.get("transcoders")
@@ -116,3 +122,53 @@ else:
             "kept_fraction: share of A's pruned features whose match B's pruned graph keeps. "
             f"Cosine threshold {summary.get('min_cosine', '?')}."
         )
+
+st.subheader("Features of A and their matches in B")
+if not same_model:
+    st.info("Features are matched between two transcoder sets of the same model.")
+    st.stop()
+keys = [(row["layer"], row["feature"]) for row in feature_nodes(doc_a)]
+try:
+    matches = widgets.feature_matches(root, info_a, info_b, keys)
+except MissingOutputs as err:
+    st.info(str(err))
+    st.stop()
+rows = match_table(doc_a, doc_b, matches, labelling_b.labels)
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+st.caption(
+    ("One transcoder set: each feature is itself in B. " if same_set else "")
+    + "Each feature node of A's pruned graph (most influential first) and the B feature with the "
+    "most similar own-layer decoder (cosine); in_b_at: positions where B's pruned graph has it."
+)
+if not rows:
+    st.stop()
+names = {i: f"L{r['layer']} #{r['feature_a']} · {r['label_a']}" for i, r in enumerate(rows)}
+if st.session_state.get(FEATURE_KEY) not in names:
+    st.session_state[FEATURE_KEY] = 0  # the most influential
+picked = st.selectbox(
+    "A feature",
+    list(names),
+    format_func=names.get,
+    key=FEATURE_KEY,
+    help="Its page and its match's, side by side.",
+)
+row = rows[picked]
+editable = widgets.label_editing()
+page_a, page_b = st.columns(2)
+for column, tag, labelling, feature in (
+    (page_a, "A", labelling_a, row["feature_a"]),
+    (page_b, "B", labelling_b, row["feature_b"]),
+):
+    with column:
+        st.markdown(f"#### {tag}: feature L{row['layer']} #{feature}")
+        if labelling.labels is None:
+            st.info(labelling.missing, icon=":material/info:")
+        else:
+            widgets.show_feature(
+                labelling.page_set,
+                labelling.labels,
+                row["layer"],
+                feature,
+                editable=editable,
+                key=f"compare_{tag}",
+            )

@@ -1,4 +1,5 @@
-"""Graph page: one pruned graph, its scores, nodes and links, re-pruned at chosen thresholds."""
+"""Graph page: one pruned graph, its scores, nodes and links, re-pruned at chosen thresholds; the
+picked feature's page and label."""
 
 import pandas as pd
 import streamlit as st
@@ -13,10 +14,11 @@ from dashboards.catalog import (
 )
 from dashboards.charts import NODE_SELECTION, curve_chart, graph_chart
 from dashboards.documents import node_table, prompt_tokens, strongest_links
+from dashboards.features import feature_key
 from dashboards.layout import drawable
 
 NODE_KEY, CHART_KEY, LAST_CLICK_KEY = "graph_node", "graph_chart", "graph_last_click"
-LINK_COLUMNS = ["node_id", "description", "weight"]
+LINK_COLUMNS = ["node_id", "description", "label", "weight"]
 
 outputs = widgets.load_outputs()
 root = outputs.root
@@ -100,6 +102,9 @@ for column, count, key, label in (
 ):
     column.metric(label, count, None if at_default else count - scores[key], help=change)
 
+# Labels as the pages and the labels file say now (edits show without re-running the pipeline).
+document, labelling = widgets.labelled(root, profile, document)
+
 # A click on a node picks it (once per click, so the picker below can still change it).
 clicked = (st.session_state.get(CHART_KEY) or {}).get("selection", {}).get(NODE_SELECTION) or []
 clicked_id = clicked[0].get("node_id") if clicked else None
@@ -127,15 +132,19 @@ st.altair_chart(
 st.caption(
     "x: prompt position; y: embeddings, transcoder layers, logits. Node size: influence on the "
     "logits (logits: probability). Links: direct effects, blue positive, red negative, width by "
-    "|weight|. Click a node (or pick it below) to see its strongest links."
+    "|weight|. Hover a node for its label; click it (or pick it below) to see its strongest links "
+    "and, for a feature, its feature page."
 )
 
-descriptions = {row["node_id"]: row["description"] for row in nodes}
+names = {
+    row["node_id"]: row["description"] + (f" · {row['label']}" if row["kind"] == "feature" else "")
+    for row in nodes
+}
 picked = st.selectbox(
     "node",
     ids,
     key=NODE_KEY,
-    format_func=lambda node_id: f"{descriptions[node_id]}  ({node_id})",
+    format_func=lambda node_id: f"{names[node_id]}  ({node_id})",
 )
 details = next(row for row in nodes if row["node_id"] == picked)
 incoming, outgoing = strongest_links(document, picked)
@@ -152,6 +161,17 @@ with right:
 
 with st.expander("All nodes of the pruned graph"):
     st.dataframe(pd.DataFrame(nodes), hide_index=True, width="stretch")
+
+st.subheader("Feature page")
+picked_key = feature_key(next(n for n in document["nodes"] if n["node_id"] == picked))
+if picked_key is None:
+    st.caption("Pick a feature node (above, or click one) to see its feature page.")
+elif labelling.labels is None:
+    st.info(labelling.missing, icon=":material/info:")
+else:
+    widgets.show_feature(
+        labelling.page_set, labelling.labels, *picked_key, editable=widgets.label_editing()
+    )
 
 st.subheader("Pruning curve")
 if scores.get("curve"):

@@ -24,7 +24,14 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from tracer.attribution.rows import ELEMENT_BUDGET, RowComputer, Sources, Target
+from tracer.attribution.rows import (
+    ELEMENT_BUDGET,
+    RowComputer,
+    Sources,
+    Target,
+    WriteSources,
+    plan_prefix_lengths,
+)
 from tracer.graph.graph import Graph, LogitTarget
 from tracer.graph.pruning import influence_series
 from tracer.model.replacement import PromptState, ReplacementModel
@@ -113,24 +120,47 @@ def collect_sources(model: ReplacementModel, state: PromptState) -> Sources:
     for layer in range(model.n_layers):
         in_layer = (features[:, 0] == layer).nonzero(as_tuple=True)[0]
         encoders[in_layer] = ts.layer(layer).W_enc[features[in_layer, 2]].to(dtype)
+    n_pos, n_layers = state.n_pos, model.n_layers
+    positions = torch.arange(n_pos)
+    error_columns = features.shape[0] + torch.arange(n_layers * n_pos).view(n_layers, n_pos)
     writes = []
-    for target in range(model.n_layers):
-        index, pos, vectors = [], [], []
+    for target in range(n_layers):
+        columns, pos = [error_columns[target]], [positions]
+        vectors = [state.errors[target].to(dtype)]
         for source in ts.source_layers(target):
             in_layer = (features[:, 0] == source).nonzero(as_tuple=True)[0]
             decoder = ts.decoder(source, target)[features[in_layer, 2]]
-            index.append(in_layer)
+            columns.append(in_layer)
             pos.append(features[in_layer, 1])
             vectors.append(decoder.to(dtype) * activations[in_layer, None])
-        writes.append((torch.cat(index), torch.cat(pos), torch.cat(vectors)))
+        vectors = torch.cat(vectors)
+        writes.append(WriteSources.by_position(torch.cat(columns), torch.cat(pos), vectors, n_pos))
+    # the token embedding only, as upstream
+    tokens = WriteSources.by_position(
+        error_columns.numel() + features.shape[0] + positions,
+        positions,
+        state.token_embeddings.to(dtype),
+        n_pos,
+    )
     return Sources(
         features=features,
         activations=activations,
-        errors=torch.stack(state.errors).to(dtype),
-        tokens=state.token_embeddings.to(dtype),  # the token embedding only, as upstream
         encoders=encoders,
         writes=writes,
+        embed=tokens,
+        n_pos=n_pos,
     )
+
+
+def prefix_lengths(sources: Sources, batch: int, n_layers: int) -> list[int]:
+    """Lengths of the linear passes for rows of every active feature in (layer, pos, feature)
+    order, `batch` at a time: each batch needs the prefix up to its last target's position."""
+    needs = [
+        (int(block[:, 1].max()) + 1, int(block[:, 0].max()) + 1)
+        for block in sources.features.split(batch)
+        if block.shape[0]
+    ]
+    return plan_prefix_lengths(needs, sources.n_pos, n_layers)
 
 
 def _feature_targets(sources: Sources, idx: torch.Tensor) -> list[Target]:
@@ -211,8 +241,8 @@ def explore_features(
     n_active, n_columns, k = sources.n_active, sources.n_columns, len(logit_targets)
     budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     greedy = budget < n_active
-    dtype = storage_dtype or sources.tokens.dtype
-    compute = sources.tokens.dtype
+    dtype = storage_dtype or sources.dtype
+    compute = sources.dtype
     if greedy:  # rows over all active features' columns, compacted at the end
         rows = torch.zeros(k + budget, n_columns, dtype=dtype)  # [logits | features so far]
         logit_rows, feature_rows = rows[:k], rows[k:]
@@ -359,7 +389,10 @@ def attribute(
         model.transcoders.offload()
     lap("forward")
     batch = min(batch_size, max(sources.n_active, len(logit_targets)))
-    computer = RowComputer(model, state, sources, batch)
+    every_feature = max_feature_nodes is None or max_feature_nodes >= sources.n_active
+    # with a node budget the batches follow the influence order, known only as it goes
+    lengths = prefix_lengths(sources, batch, model.n_layers) if every_feature else None
+    computer = RowComputer(model, state, sources, batch, lengths)
     lap("linear_forward")
     logit_vectors = _logit_read_vectors(model, logit_targets)
     selected, adjacency = explore_features(

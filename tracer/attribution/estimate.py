@@ -1,7 +1,8 @@
 """Before a run: how big the graph will be and how much memory attribution and pruning will take.
 
-The counts come from the model's and the transcoder set's configs and file headers (no weights),
-and the number of active features from one of:
+The counts come from the model's and the transcoder set's configs and file headers (no weights;
+for hub repos the headers are read with HTTP range requests and the download size comes from the
+hub's file listing, so nothing large is fetched), and the number of active features from one of:
 - a forward pass over the prompt (`sample_tokens=None`, the default; exact, loads the weights);
 - a forward pass over the first `sample_tokens` tokens, extrapolated per position;
 - a bound, without weights (`active_features="bound"`): k per position and layer for a TopK set
@@ -67,6 +68,7 @@ class Estimate:
     weights_bytes: int  # model + transcoders, resident during attribution
     available_bytes: int
     warnings: list[str] = field(default_factory=list)
+    download_bytes: int = 0  # what fetching the hub parts downloads (0 when local)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +88,7 @@ class Shapes:
     model_bytes: int
     transcoder_bytes: int
     residual_reads: bool = False  # transcoders read the residual stream (hook_resid_mid)
+    download_bytes: int = 0  # hub files a fetch would download (model and transcoder closure)
 
 
 def estimate(
@@ -168,6 +171,7 @@ def estimate(
         weights_bytes=weights,
         available_bytes=int(available),
         warnings=warnings,
+        download_bytes=shapes.download_bytes,
     )
 
 
@@ -200,30 +204,72 @@ def _gb(n: float) -> str:
 
 
 # ---- from files ---------------------------------------------------------------------------------
-def shapes_of(model: str, transcoders: str, *, revision: str | None = None) -> Shapes:
-    """Shapes from the model's config and the transcoder set's config and headers (no weights)."""
+def shapes_of(
+    model: str,
+    transcoders: str,
+    *,
+    revision: str | None = None,
+    transcoder_revision: str | None = None,
+) -> Shapes:
+    """Shapes from the model's config and the transcoder set's config and headers (no weights).
+
+    Hub files are not downloaded: their headers are read remotely and their sizes listed."""
+    from dataclasses import replace
+
     from transformers import AutoConfig
 
-    from tracer.transcoders.files import load_transcoders
+    from tracer.transcoders.files import describe, read_layout
+    from tracer.transcoders.tensors import read_header
 
     config = AutoConfig.from_pretrained(model, revision=revision)
-    text = getattr(config, "text_config", None) or config
+    text = config.get_text_config()
     d_model = text.hidden_size
     mlp = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * d_model
     per_layer = 4 * d_model * d_model + 3 * d_model * mlp  # attention and MLP matrices
     params = text.num_hidden_layers * per_layer + 2 * text.vocab_size * d_model
-    return _shapes(text, load_transcoders(transcoders), int(params * FLOAT))
+    layout = read_layout(transcoders, revision=transcoder_revision)
+    shape = describe(layout, {f: read_header(f) for f in layout.files})
+    shapes = _shapes(text, shape, int(params * FLOAT))
+    return replace(shapes, download_bytes=_download_bytes(model, revision, layout))
+
+
+def _download_bytes(model: str, revision: str | None, layout) -> int:
+    """Bytes a fetch downloads: the model's files (hub id) and the set's hub files, as listed."""
+    from fnmatch import fnmatch
+
+    from tracer.hub import MODEL_PATTERNS, HfRef, looks_local, pin, repo_files
+
+    pins: dict = {}
+    listings: dict = {}
+
+    def listed(ref: HfRef) -> dict:
+        ref = pin(ref, pins)
+        key = (ref.repo_id, ref.revision)
+        if key not in listings:
+            listings[key] = repo_files(*key)
+        return listings[key]
+
+    total = 0
+    if not looks_local(model):
+        files = listed(HfRef(model, "", revision))
+        total += sum(
+            f.size for path, f in files.items() if any(fnmatch(path, p) for p in MODEL_PATTERNS)
+        )
+    for f in layout.files:
+        if isinstance(f, HfRef):
+            total += listed(f)[f.path_in_repo].size
+    return total
 
 
 def shapes_of_model(replacement) -> Shapes:
     """Shapes of a loaded `ReplacementModel` (its weights counted as they are)."""
     config = replacement.model.config
     model_bytes = sum(p.numel() * p.element_size() for p in replacement.model.parameters())
-    text = getattr(config, "text_config", None) or config
-    return _shapes(text, replacement.transcoders, model_bytes)
+    return _shapes(config.get_text_config(), replacement.transcoders, model_bytes)
 
 
 def _shapes(text_config, ts, model_bytes: int) -> Shapes:
+    """`ts`: a `TranscoderSet` or the `SetShape` its files describe."""
     writes = (ts.n_layers + 1) / 2 if ts.cross_layer else 1  # decoder rows per feature
     return Shapes(
         n_layers=ts.n_layers,
@@ -277,25 +323,36 @@ def estimate_prompt(
     use_weights: bool | None = None,
     dtype: str = "float32",
     adjacency_dtype: str = "float32",
+    revision: str | None = None,
+    transcoder_revision: str | None = None,
 ) -> Estimate:
     """`estimate` for a model and transcoder set on disk or on the hub, and a prompt.
 
     `use_weights` None (the default) loads the weights for a forward pass unless the set is TopK,
-    whose bound (k per position and layer) needs none; True or False forces the choice.
+    whose bound (k per position and layer) needs none; True or False forces the choice. Without
+    weights, a hub model and set are not downloaded (config, tokenizer and file headers only).
     """
     from transformers import AutoTokenizer
 
-    shapes = shapes_of(model, transcoders)
+    shapes = shapes_of(
+        model, transcoders, revision=revision, transcoder_revision=transcoder_revision
+    )
     if use_weights is None:
         use_weights = shapes.top_k is None or sample_tokens is not None
     if use_weights:
         from tracer.model.replacement import ReplacementModel
 
-        replacement = ReplacementModel.from_pretrained(model, transcoders, dtype=dtype)
+        replacement = ReplacementModel.from_pretrained(
+            model,
+            transcoders,
+            dtype=dtype,
+            revision=revision,
+            transcoder_revision=transcoder_revision,
+        )
         ids = replacement.tokenize(prompt)
         cells, found = active_per_cell(replacement, ids, sample_tokens)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         special = set(tokenizer.all_special_ids)
         n_pos = len(ids) + (0 if ids and ids[0] in special else 1)
@@ -327,5 +384,7 @@ def human(estimate: Estimate) -> str:
         f"graph file: ~{_gb(e.graph_file_bytes)}",
         f"available now: {_gb(e.available_bytes)}",
     ]
+    if e.download_bytes:
+        lines.append(f"download (hub model and transcoders): {_gb(e.download_bytes)}")
     lines += [f"WARNING: {w}" for w in e.warnings]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Command line: `tracer attribute | estimate | prune | score | fixture | intervene | validate`.
+"""Command line: `tracer attribute | estimate | prune | score | fixture | intervene | validate |
+sweep | features show | features export | label`.
 
 Commands import what they need when they run, so `tracer --help` loads no torch.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from tracer.cli import graph_commands, intervention_commands
+from tracer.cli import feature_commands, graph_commands, intervention_commands, sweep_commands
 from tracer.cli.parser import build_parser
 from tracer.memory import return_freed_memory
 
@@ -19,6 +20,8 @@ COMMANDS = {
     "fixture": graph_commands.fixture,
     "intervene": intervention_commands.intervene,
     "validate": intervention_commands.validate,
+    "sweep": sweep_commands.sweep,
+    "label": feature_commands.label,
 }
 
 
@@ -28,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     # temporaries go back to the system, so peaks mean what they say (tracer.memory)
     return_freed_memory()
     try:
-        COMMANDS[args.command](args)
+        if args.command == "features":
+            getattr(feature_commands, args.features_command)(args)
+        else:
+            COMMANDS[args.command](args)
     except (ValueError, OSError, IndexError) as err:  # OSError: missing files, also of transformers
         print(f"tracer {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -125,6 +125,8 @@ def estimate(args: argparse.Namespace) -> None:
         args.prompt,
         sample_tokens=args.sample_tokens,
         use_weights=False if args.no_weights else None,
+        revision=args.revision,
+        transcoder_revision=args.transcoder_revision,
         **graph_size(args),
     )
     print(json.dumps(found.to_dict(), indent=2) if args.json else human(found))

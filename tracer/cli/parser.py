@@ -111,8 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-weights",
         action="store_true",
         help="load no weights: active features from a bound (the default for TopK sets, where "
-        "the bound is exact up to zero activations)",
+        "the bound is exact up to zero activations); hub repos are not downloaded, only their "
+        "configs, tokenizer and file headers are read",
     )
+    est.add_argument("--revision", help="model revision (hub)")
+    est.add_argument("--transcoder-revision", help="transcoder set revision (hf:// URIs)")
     est.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     prune = sub.add_parser(
@@ -128,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("graph", type=Path)
 
     fixture = sub.add_parser("fixture", help="write a small random model + transcoder set")
-    fixture.add_argument("--family", default="gpt2", choices=["gpt2", "llama", "gemma2", "qwen3"])
+    fixture.add_argument(
+        "--family",
+        default="gpt2",
+        choices=["gpt2", "llama", "gemma2", "qwen3", "gemma3", "gemma3_multimodal", "gpt_oss"],
+    )
     fixture.add_argument("--kind", default="clt", choices=KINDS)
     fixture.add_argument(
         "--out", type=Path, required=True, help="folder for model/ and transcoders/"
@@ -178,4 +185,65 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument(
         "--out-dir", type=Path, help="where validation.csv/.json go (default: the graph's folder)"
     )
+    _add_sweep(sub, size)
+    _add_features(sub)
     return parser
+
+
+def _add_sweep(sub, size: argparse.ArgumentParser) -> None:
+    sweep = sub.add_parser(
+        "sweep",
+        parents=[size],
+        help="attribute a prompts file under one or more profiles, here or on Ray (resumable)",
+    )
+    sweep.add_argument("prompts", type=Path, help="text, one prompt a line; or JSON lines")
+    sweep.add_argument("--out", type=Path, required=True, help="folder: PROFILE/PROMPT.safetensors")
+    sweep.add_argument("--profile", action="append", help="a profile of --params (repeatable)")
+    sweep.add_argument("--params", type=Path, default=Path("params.yaml"))
+    sweep.add_argument("--model", help="model folder or hub id (instead of --profile)")
+    sweep.add_argument("--transcoders", help="transcoder folder or hf:// URI (with --model)")
+    sweep.add_argument("--revision", help="model revision (hub)")
+    sweep.add_argument("--transcoder-revision", help="transcoder revision (hub)")
+    sweep.add_argument("--dtype", choices=DTYPES, default="float32")
+    sweep.add_argument("--name", default="custom", help="profile name for --model (folder name)")
+    sweep.add_argument("--desired-logit-prob", type=fraction("--desired-logit-prob"), default=0.95)
+    sweep.add_argument("--engine", choices=("local", "ray"), default="local")
+    sweep.add_argument("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT")
+    sweep.add_argument("--num-cpus", type=float, help="CPUs per Ray worker (default 1)")
+    sweep.add_argument("--num-gpus", type=float, help="GPUs per Ray worker (default 0)")
+    sweep.add_argument("--memory", help="memory per Ray worker, bytes or e.g. 8GiB")
+    sweep.add_argument("--workers", type=positive("--workers"), help="model copies per profile")
+    sweep.add_argument("--threads", type=positive("--threads"), help="torch threads per worker")
+    sweep.add_argument("--retries", type=int, help="tries after the first, per prompt (default 2)")
+    sweep.add_argument("--experiment", default="tracer", help="MLflow experiment")
+    sweep.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_features(sub) -> None:
+    def labels_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--labels", type=Path, help="labels file (default: labels/NAME.tsv, NAME the pages')"
+        )
+
+    features = sub.add_parser("features", help="read and export feature pages")
+    what = features.add_subparsers(dest="features_command", required=True)
+    show = what.add_parser("show", help="print one feature's page")
+    show.add_argument("set", help="page set name (outputs/features/NAME) or pages folder")
+    show.add_argument("layer", type=int)
+    show.add_argument("feature", type=int)
+    show.add_argument("--examples", type=positive("--examples"), default=5, help="per section")
+    labels_option(show)
+    export = what.add_parser("export", help="write every page in another tool's format")
+    export.add_argument("set", help="page set name (outputs/features/NAME) or pages folder")
+    export.add_argument("--format", choices=("circuit-tracer",), default="circuit-tracer")
+    export.add_argument("--out", type=Path, required=True, help="folder; files go to OUT/ID/")
+    export.add_argument("--transcoder-id", help="transcoder_id / folder name (default: NAME)")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    labels_option(export)
+
+    label = sub.add_parser("label", help="set a feature's human label (empty text removes it)")
+    label.add_argument("set", help="page set name (outputs/features/NAME) or pages folder")
+    label.add_argument("feature", help="LAYER:FEATURE")
+    label.add_argument("text")
+    labels_option(label)

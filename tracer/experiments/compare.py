@@ -17,6 +17,10 @@ rows (dicts keyed by the table's `*_COLUMNS`), one CSV file each in `write_table
   A's kept feature node (layer, pos, f) maps to (layer, pos, match(f)); kept_fraction is the share
   of A's kept nodes whose image is kept in B, jaccard = |image(A) & B| / |image(A) | B| over sets.
 
+- features: one row per feature node kept in A's pruned graph, for the pairs and prompts of
+  `matching`: its matched B feature at the same position, their cosine, whether B's pruned graph
+  keeps that node, and both features' labels (`labels[profile](layer, feature)`, feature pages).
+
 Undefined ratios (0 / 0) are None, an empty CSV cell. Disabled profiles and profiles without graphs
 are left out of every table and listed in summary.json under `skipped` with the reason.
 """
@@ -24,6 +28,7 @@ are left out of every table and listed in summary.json under `skipped` with the 
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +78,19 @@ MATCHING_COLUMNS = (
     "mean_cosine",
     "frac_cosine_above",
     *OVERLAP_FIELDS[1:],
+)
+FEATURE_COLUMNS = (
+    "profile_a",
+    "profile_b",
+    "prompt",
+    "layer",
+    "pos",
+    "feature_a",
+    "label_a",
+    "feature_b",
+    "label_b",
+    "cosine",
+    "kept_in_b",
 )
 _MATCH_CHUNK = 4096  # A features per block of the (chunk, d_transcoder_b) cosine matrix
 
@@ -294,6 +312,19 @@ def matching_table(
     A pair without a shared prompt still gets its per-layer cosine rows, with prompt and the graph
     columns None. `base` is where relative transcoder paths in profile.json start (default: cwd).
     """
+    return compare_pairs(root, min_cosine=min_cosine, base=base)[0]
+
+
+def compare_pairs(
+    root: str | Path,
+    *,
+    min_cosine: float = DEFAULT_MIN_COSINE,
+    base: Path | None = None,
+    labels: dict[str, Callable[[int, int], str]] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """The `matching` rows and the `features` rows (FEATURE_COLUMNS) of every same-model pair."""
+    labels = labels or {}
+    feature_rows: list[dict] = []
     if not -1 <= min_cosine <= 1:
         raise ValueError(f"min_cosine must be in [-1, 1], got {min_cosine}")
     runs = find_profiles(root)[0]
@@ -330,6 +361,41 @@ def matching_table(
             )
             for layer, (w, o) in enumerate(zip(weights, overlap, strict=True)):
                 rows.append(_matching_row(a, b, prompt, layer, w, o))
+            feature_rows += _feature_rows(
+                (a.name, b.name, prompt),
+                kept_features(graph_a, *a.thresholds(prompt)),
+                kept_features(graph_b, *b.thresholds(prompt)),
+                matches,
+                (labels.get(a.name), labels.get(b.name)),
+            )
+    return rows, feature_rows
+
+
+def _feature_rows(
+    names: tuple[str, str, str],
+    kept_a: torch.Tensor,
+    kept_b: torch.Tensor,
+    matches: list[FeatureMatch],
+    labels: tuple[Callable[[int, int], str] | None, Callable[[int, int], str] | None],
+) -> list[dict]:
+    kept = {tuple(row) for row in kept_b.tolist()}
+    label_a, label_b = labels
+    rows = []
+    for layer, pos, feature in kept_a.tolist():
+        match = int(matches[layer].indices[feature])
+        rows.append(
+            {
+                **dict(zip(("profile_a", "profile_b", "prompt"), names, strict=True)),
+                "layer": layer,
+                "pos": pos,
+                "feature_a": feature,
+                "label_a": label_a(layer, feature) if label_a else None,
+                "feature_b": match,
+                "label_b": label_b(layer, match) if label_b else None,
+                "cosine": float(matches[layer].similarity[feature]),
+                "kept_in_b": (layer, pos, match) in kept,
+            }
+        )
     return rows
 
 
@@ -347,6 +413,7 @@ TABLES = {
     "sizes": SIZES_COLUMNS,
     "layers": LAYERS_COLUMNS,
     "matching": MATCHING_COLUMNS,
+    "features": FEATURE_COLUMNS,
 }
 
 
@@ -367,8 +434,10 @@ def write_tables(
     *,
     min_cosine: float = DEFAULT_MIN_COSINE,
     base: Path | None = None,
+    labels: dict[str, Callable[[int, int], str]] | None = None,
 ) -> dict:
-    """Write scores.csv, sizes.csv, layers.csv, matching.csv and summary.json into `out_dir`.
+    """Write scores.csv, sizes.csv, layers.csv, matching.csv, features.csv and summary.json into
+    `out_dir`; `labels[profile](layer, feature)` labels the features table.
 
     Every table is computed before any file is written, and each file is written to a temporary
     name and renamed, so a failure leaves no partial file. Returns the summary (row counts, the
@@ -379,8 +448,9 @@ def write_tables(
         "scores": scores_table(root),
         "sizes": sizes_table(root),
         "layers": layers_table(root),
-        "matching": matching_table(root, min_cosine=min_cosine, base=base),
     }
+    pairs = compare_pairs(root, min_cosine=min_cosine, base=base, labels=labels)
+    tables["matching"], tables["features"] = pairs
     summary = {
         "rows": {name: len(rows) for name, rows in tables.items()},
         "profiles": [run.name for run in runs],

@@ -10,10 +10,10 @@ from pathlib import Path
 def read_texts(path: str | Path, text_field: str = "text") -> Iterator[str]:
     """The non-blank texts of a dataset file, in order; clear errors for what cannot be read."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset {path} does not exist (give a .txt or .jsonl file)")
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"dataset {path} must be a .txt or .jsonl file")
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {path} does not exist (give a .txt or .jsonl file)")
     found = False
     with open(path, encoding="utf-8") as handle:  # streamed: a dataset may be large
         try:

@@ -56,6 +56,16 @@ def prompt_dir(root: Path, profile: str, prompt: str) -> Path:
     return profile_dir(root, profile) / prompt
 
 
+def features_dir(root: Path, feature_set: str) -> Path:
+    """A transcoder set's feature pages (features@SET)."""
+    return root / "features" / feature_set
+
+
+def labels_path(feature_set: str, labels_root: Path = Path("labels")) -> Path:
+    """A transcoder set's human labels (kept in git, beside the pipeline's outputs)."""
+    return labels_root / f"{feature_set}.tsv"
+
+
 def validation_dir(root: Path, profile: str) -> Path:
     return Path(root) / "validation" / profile
 

@@ -6,11 +6,19 @@ with the offending key's dotted path in the message.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tracer.hub import looks_local
 from tracer.interventions.modes import MODES
@@ -85,6 +93,94 @@ class TrackingParams(_Strict):
     experiment: str = Field("tracer", min_length=1)
 
 
+class FeaturesParams(_Strict):
+    """Feature pages (`features@SET` stages): the dataset and how pages are built.
+
+    `sets` maps each page set's name to the enabled profile whose model and transcoders build it;
+    a transcoder set has at most one entry (profiles sharing it share its pages).
+    """
+
+    dataset: str = Field(
+        "zoo/corpus/train.txt",
+        min_length=1,
+        description="a local .txt (one text per line) or .jsonl file (a `text_field` per record)",
+    )
+    text_field: str = Field("text", min_length=1, description="the JSONL records' text key")
+    n_tokens: int = Field(100_000, ge=1, description="data tokens read from the dataset")
+    context: int = Field(16, ge=2, description="tokens per example, start token included")
+    top_k: int = Field(16, ge=1, description="top-activating examples per feature")
+    quantiles: list[float] = Field([0.5, 0.9], description="band edges, increasing in (0, 1)")
+    examples_per_band: int = Field(4, ge=1)
+    histogram_bins: int = Field(32, ge=2, description="a power of two")
+    batch_size: int = Field(64, ge=1, description="examples per forward pass")
+    n_logits: int = Field(10, ge=1, description="top and bottom output logits per feature")
+    seed: int = Field(0, ge=0, description="the sample behind the quantile bands")
+    sets: dict[str, str] = Field(default_factory=dict, description="page set name -> profile")
+
+    @model_validator(mode="after")
+    def _valid_settings(self) -> FeaturesParams:
+        q = self.quantiles
+        if any(not 0 < x < 1 for x in q) or q != sorted(set(q)):
+            raise ValueError(f"features.quantiles must be increasing inside (0, 1), got {q}")
+        if self.histogram_bins & (self.histogram_bins - 1):
+            raise ValueError(
+                f"features.histogram_bins must be a power of two, got {self.histogram_bins}"
+            )
+        if Path(self.dataset).suffix not in (".txt", ".jsonl"):
+            raise ValueError(
+                f"features.dataset must be a .txt or .jsonl file, got {self.dataset!r}"
+            )
+        return self
+
+
+_MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_MEMORY_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_ADDRESS = re.compile(r"^(auto|(ray://)?[^\s:/]+:[0-9]+)$")
+_MEMORY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+class ExecutionParams(_Strict):
+    """Where the attribute, prune and validate stages run their per-(profile, prompt) tasks:
+    `local` (this process, one after the other) or `ray` (fanned out over a Ray cluster; see
+    `tracer/experiments/execution.py`). The outputs are the same bytes either way."""
+
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = Field(
+        None,
+        description="None: start a local Ray instance; `auto`, `HOST:PORT` or `ray://HOST:PORT`",
+    )
+    num_cpus: float = Field(1, gt=0, description="CPUs reserved per worker")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per worker")
+    memory: int | None = Field(None, ge=1, description="bytes reserved per worker, or '8GiB'")
+    workers: int | None = Field(None, ge=1, description="model copies per profile (None: fill)")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (None: ours)")
+    retries: int = Field(2, ge=0, description="tries after the first, per task")
+
+    @field_validator("address")
+    @classmethod
+    def _ray_address(cls, value: str | None) -> str | None:
+        if value is not None and not _ADDRESS.match(value):
+            raise ValueError(
+                "address must be `auto` (the cluster this machine belongs to), HOST:PORT "
+                f"(a head's GCS) or ray://HOST:PORT (Ray Client), got {value!r}"
+            )
+        return value
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_bytes(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        found = _MEMORY.match(value)
+        unit = found and found.group(2).upper()
+        if not found or unit not in _MEMORY_UNITS:
+            raise ValueError(
+                f"memory must be bytes or a size such as '8GiB' or '500MB' "
+                f"(units {', '.join(u for u in _MEMORY_UNITS if u)}), got {value!r}"
+            )
+        return int(float(found.group(1)) * _MEMORY_UNITS[unit])
+
+
 class Params(_Strict):
     zoo: ZooParams
     profiles: dict[str, Profile]
@@ -93,6 +189,8 @@ class Params(_Strict):
     pruning: PruningParams = PruningParams()
     validation: ValidationParams = ValidationParams()
     tracking: TrackingParams = TrackingParams()
+    execution: ExecutionParams = ExecutionParams()
+    features: FeaturesParams = FeaturesParams()
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
@@ -115,7 +213,43 @@ class Params(_Strict):
                             f"profiles.{name}.{key}: local path {value!r} does not exist "
                             "(give an existing folder, a hub id or an hf:// URI)"
                         )
+        self._check_feature_sets()
         return self
+
+    def _check_feature_sets(self) -> None:
+        """features.sets: enabled profiles, at most one entry per transcoder set. A profile whose
+        set has no entry gets no pages (its feature nodes stay unlabelled)."""
+        covered: dict[tuple, str] = {}
+        for name, profile_name in self.features.sets.items():
+            if not re.match(r"^[A-Za-z0-9_-]+$", name):
+                raise ValueError(
+                    f"features.sets: name {name!r} must be letters, digits, '-' or '_'"
+                )
+            profile = self.profiles.get(profile_name)
+            if profile is None or not profile.enabled:
+                raise ValueError(
+                    f"features.sets.{name}: {profile_name!r} is not an enabled profile; "
+                    f"enabled: {sorted(n for n, p in self.profiles.items() if p.enabled)}"
+                )
+            key = _set_key(profile)
+            if key in covered:
+                raise ValueError(
+                    f"features.sets: {covered[key]!r} and {name!r} build pages of the same "
+                    f"transcoder set {profile.transcoders!r}; keep one"
+                )
+            covered[key] = name
+
+    def feature_set(self, profile_name: str) -> str | None:
+        """The name of the page set of a profile's transcoders (None: no pages for it)."""
+        key = _set_key(self.profiles[profile_name])
+        for name, owner in self.features.sets.items():
+            if _set_key(self.profiles[owner]) == key:
+                return name
+        return None
+
+
+def _set_key(profile: Profile) -> tuple[str, str | None]:
+    return (profile.transcoders, profile.transcoder_revision)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -202,10 +202,12 @@ def log_pipeline(
     uri: str | None = None,
     tags: dict[str, str] | None = None,
     dvc_lock: str | Path | None = None,
+    feature_files: dict[str, list[Path]] | None = None,
 ) -> dict:
     """Log every new (profile, prompt) result under `root` as a nested run of one parent run.
 
-    `tags` go on the parent and every nested run; `dvc_lock` adds each profile's stage hashes.
+    `tags` go on the parent and every nested run; `dvc_lock` adds each profile's stage hashes;
+    `feature_files[profile]` (its set's pages summary and labels file) go with each of its runs.
     Returns {"experiment_id", "parent_run_id" (None when nothing was new), "logged": [{"name",
     "run_id"}], "skipped": [names already logged], "disabled_profiles": [names], "run_keys":
     {name: run key of every result, logged now or before}}."""
@@ -236,6 +238,8 @@ def log_pipeline(
             child_tags = run_tags(result, tags, lock) | {MLFLOW_PARENT_RUN_ID: parent_id}
             with _run(client, experiment_id, result.name, child_tags) as run_id:
                 _log_result(client, run_id, result)
+                for path in (feature_files or {}).get(result.profile, []):
+                    client.log_artifact(run_id, str(path), "features")
             summary["logged"].append({"name": result.name, "run_id": run_id})
     return summary
 
@@ -291,3 +295,76 @@ def _compare_tables(root: str | Path) -> list[Path]:
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+# ---- sweeps: one parent run, a nested run per prompt -------------------------------------------
+class SweepTracker:
+    """The MLflow side of `tracer sweep`: one parent run per sweep folder, reopened when the
+    sweep is resumed (`parent_run_id` from its sweep.json), and one nested run per prompt result,
+    keyed by its inputs hash (`tracer.run_key`) and logged once. Only the driver logs, so a
+    sqlite store works for a cluster too; a server (`MLFLOW_TRACKING_URI`) is for several
+    drivers. The store is created here, before any fan-out."""
+
+    def __init__(
+        self, uri: str, experiment: str, name: str, parent_run_id: str | None, tags: dict
+    ) -> None:
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = ensure_store(uri, experiment)
+        self.tags = dict(tags)
+        self.parent_id = self._reopen(parent_run_id)
+        if self.parent_id is None:
+            self.parent_id = self.client.create_run(self.experiment_id, run_name=name).info.run_id
+            self.client.log_batch(self.parent_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.logged = self._logged_keys()
+
+    def _reopen(self, run_id: str | None) -> str | None:
+        if run_id is None:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None  # another store, or deleted: a new parent
+        if run.info.experiment_id != self.experiment_id or run.info.lifecycle_stage != "active":
+            return None
+        self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run_id
+
+    def _logged_keys(self) -> set[str]:
+        keys: set[str] = set()
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}' "
+                "and attributes.status = 'FINISHED'",
+                max_results=1000,
+                page_token=token,
+            )
+            keys |= {r.data.tags.get(RUN_KEY_TAG) for r in page}
+            token = page.token
+            if not token:
+                return keys - {None}
+
+    def log(
+        self, name: str, key: str, params: dict, metrics: dict, artifacts: list[Path]
+    ) -> str | None:
+        """A nested run for one prompt's result; None when a run with this key is logged."""
+        if key in self.logged:
+            return None
+        tags = self.tags | {RUN_KEY_TAG: key, MLFLOW_PARENT_RUN_ID: self.parent_id}
+        with _run(self.client, self.experiment_id, name, tags) as run_id:
+            values = [Param(k, str(v)) for k, v in params.items()]
+            for batch in _chunks(values, MAX_PARAMS_TAGS_PER_BATCH):
+                self.client.log_batch(run_id, params=batch)
+            now = int(time.time() * 1000)
+            points = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+            for batch in _chunks(points, MAX_METRICS_PER_BATCH):
+                self.client.log_batch(run_id, metrics=batch)
+            for path in artifacts:
+                self.client.log_artifact(run_id, str(path))
+        self.logged.add(key)
+        return run_id
+
+    def close(self, failed: bool) -> None:
+        status = RunStatus.FAILED if failed else RunStatus.FINISHED
+        self.client.set_terminated(self.parent_id, RunStatus.to_string(status))

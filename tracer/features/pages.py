@@ -211,27 +211,26 @@ def _reads(model, ids: torch.Tensor) -> list[torch.Tensor]:
 def _accumulate(
     acc: _Accumulator, acts: torch.Tensor, batch: Examples, token_index: torch.Tensor, seed: int
 ) -> None:
+    """acts (n, n_pos, d), zero where not data; token_index (n, n_pos) global token indices."""
     n, n_pos, d = acts.shape
-    positive = acts > 0
-    acc.active += positive.sum(dim=(0, 1))
-    acc.act_max = torch.maximum(acc.act_max, acts.amax(dim=(0, 1)))
-    seq, pos, feat = positive.nonzero(as_tuple=True)
-    acc.histogram.update(acts[seq, pos, feat], feat)
-    flat = acts.reshape(n * n_pos, d).T  # (d, tokens)
-    acc.top.update(flat.masked_fill(flat <= 0, -torch.inf), acts, batch.ids, batch.index)
+    seq, pos, feat = (acts > 0).nonzero(as_tuple=True)  # the active (token, feature) pairs
+    values = acts[seq, pos, feat]
+    peak = acts.amax(dim=(0, 1))
+    acc.active += torch.bincount(feat, minlength=d)
+    acc.act_max = torch.maximum(acc.act_max, peak)
+    acc.histogram.update(values, feat, peak)
+    token = seq * n_pos + pos
+    acc.top.update(feat, token, values.double(), acts, batch.ids, batch.index)
     # the sample's keys: a hash of (token, feature), so the sample is the same however the
-    # data is batched; computed for active tokens only
-    sample_keys = torch.full((d, n * n_pos), -torch.inf, dtype=torch.float64, device=acts.device)
-    flat_token = seq * n_pos + pos
-    hashed = token_hash(token_index.reshape(-1)[flat_token], feat, seed)
-    sample_keys[feat, flat_token] = hashed.double()
-    acc.sample.update(sample_keys, acts, batch.ids, batch.index)
+    # data is batched
+    hashed = token_hash(token_index.reshape(-1)[token], feat, seed).double()
+    acc.sample.update(feat, token, hashed, acts, batch.ids, batch.index)
 
 
 def _finish(
     model, layer: int, acc: _Accumulator, n_tokens: int, settings: PageSettings
 ) -> LayerPages:
-    quantile_values, bands = _bands(acc.sample, settings)
+    quantile_values, bands = _bands(acc.sample.ranked(), settings)
     effects = logit_effects(model, layer)
     special = sorted(t for t in model._special_token_ids() if t < effects.shape[1])
     n = min(settings.n_logits, effects.shape[1] - len(special))
@@ -245,7 +244,7 @@ def _finish(
         act_max=acc.act_max,
         hist_counts=acc.histogram.counts,
         hist_top=acc.histogram.top,
-        top=acc.top,
+        top=acc.top.ranked(),
         quantile_values=quantile_values,
         bands=bands,
         top_logits=top_ids,

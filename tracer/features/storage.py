@@ -1,6 +1,7 @@
 """Feature pages on disk: a folder per transcoder set, one safetensors file per layer + an index.
 
     index.json              format, settings, counts, dataset and model/set identity
+    summary.json            per layer: dead features, frequency and maximum spread
     tokens.json             {token id: text} of every token the pages show (no tokenizer needed)
     layer_{i}.safetensors   per feature (leading dim d_transcoder): active, act_max, hist_counts,
                             hist_top, quantile_values, {top,band}_{value,example,position,acts},
@@ -27,6 +28,7 @@ from tracer.features.pages import LayerPages, PageSettings
 FORMAT = "tracer-feature-pages/1"
 INDEX_FILE = "index.json"
 TOKENS_FILE = "tokens.json"
+SUMMARY_FILE = "summary.json"
 
 
 class PagesError(ValueError):
@@ -89,6 +91,7 @@ def save_pages(
                 shown.update(tensors[name].unique().tolist())
             with atomic_path(layer_file(tmp, layer)) as path:
                 save_file(tensors, path)
+        write_json(tmp / SUMMARY_FILE, pages_summary(pages))
         ids = sorted(t for t in shown if t >= 0)
         write_json(tmp / TOKENS_FILE, dict(zip(map(str, ids), token_text(ids), strict=True)))
         first = pages[0]
@@ -108,6 +111,26 @@ def save_pages(
         )
 
     return write_folder(folder, fill)
+
+
+def pages_summary(pages: list[LayerPages]) -> dict:
+    """Per layer: features never active, and the spread of activation frequencies and maxima."""
+    layers = []
+    for layer, page in enumerate(pages):
+        frequency = page.frequency
+        alive = page.active > 0
+        layers.append(
+            {
+                "layer": layer,
+                "features": int(alive.numel()),
+                "dead": int((~alive).sum()),
+                "frequency_median": float(frequency.median()),
+                "frequency_max": float(frequency.max()),
+                "dense_above_10pct": int((frequency > 0.1).sum()),
+                "act_max_median": float(page.act_max[alive].median()) if alive.any() else 0.0,
+            }
+        )
+    return {"n_tokens": pages[0].n_tokens, "layers": layers}
 
 
 def _layer_tensors(page: LayerPages) -> dict[str, torch.Tensor]:

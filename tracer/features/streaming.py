@@ -32,7 +32,8 @@ def token_hash(token_ids: torch.Tensor, feature_ids: torch.Tensor, seed: int) ->
 
 @dataclass
 class ContextTable:
-    """Up to `k` contexts per feature, ranked by a key (largest first).
+    """Up to `k` contexts per feature with the largest keys, in no particular slot order
+    (`ranked()` sorts them).
 
     keys (d, k) float64 (-inf where empty); values (d, k) the activation at the context's token;
     example (d, k) global example index (-1 where empty); position (d, k) token index in it;
@@ -64,51 +65,76 @@ class ContextTable:
 
     def update(
         self,
-        keys: torch.Tensor,
+        feature: torch.Tensor,
+        token: torch.Tensor,
+        key: torch.Tensor,
         acts: torch.Tensor,
         token_ids: torch.Tensor,
         example_ids: torch.Tensor,
     ) -> None:
-        """Merge one batch's candidates.
+        """Merge one batch's candidates: feature (m,), flat token index `seq * n_pos + pos` (m,)
+        and key (m,) float64 of each; acts (n_seq, n_pos, d); token_ids (n_seq, n_pos) (-1 for
+        padding); example_ids (n_seq,) global example indices.
 
-        keys (d, n_seq * n_pos), -inf where a token is no candidate; acts (n_seq, n_pos, d);
-        token_ids (n_seq, n_pos) (-1 for padding); example_ids (n_seq,) global example indices.
-        Only features whose best candidate beats their current k-th entry are touched.
+        Candidates at or below their feature's smallest kept key are dropped first; only the
+        slots of evicted (or empty) entries are written.
         """
         n_seq, n_pos, d = acts.shape
-        rows = (keys.amax(dim=1).double() > self.keys[:, -1]).nonzero().squeeze(1)
-        if rows.numel() == 0:
+        beats = key > self.keys.amin(dim=1)[feature]
+        feature, token, key = feature[beats], token[beats], key[beats]
+        if feature.numel() == 0:
             return
-        batch_keys, flat = keys[rows].topk(min(self.k, keys.shape[1]), dim=1)  # (r, take)
-        merged = torch.cat([self.keys[rows], batch_keys.double()], dim=1)  # (r, k + take)
-        new_keys, order = merged.topk(self.k, dim=1)
-        old = order.clamp(max=self.k - 1)  # a batch entry's slot gets filled below
-        n_ctx = self.tokens.shape[2]
-        old3 = old[..., None].expand(-1, -1, n_ctx)
-        values, example, position = (
-            t[rows].gather(1, old) for t in (self.values, self.example, self.position)
+        # each feature's best k candidates, as a small (r, k) matrix: rows = features touched
+        order = key.argsort(descending=True, stable=True)
+        order = order[feature[order].argsort(stable=True)]  # by feature, best key first
+        feature, token, key = feature[order], token[order], key[order]
+        rows, counts = torch.unique_consecutive(feature, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        row = torch.repeat_interleave(torch.arange(len(rows), device=key.device), counts)
+        rank = torch.arange(len(feature), device=key.device) - starts[row]
+        best = rank < self.k
+        batch_keys = torch.full(
+            (len(rows), self.k), -torch.inf, dtype=torch.float64, device=key.device
         )
-        tokens, context_acts = self.tokens[rows].gather(1, old3), self.acts[rows].gather(1, old3)
-        filled = torch.isfinite(new_keys)
-        fresh = (order >= self.k) | ~filled  # slots whose gathered content is not theirs
-        example[fresh], values[fresh], position[fresh], tokens[fresh], context_acts[fresh] = (
-            -1,
-            0,
-            0,
-            -1,
-            0,
-        )
-        r, slots = ((order >= self.k) & filled).nonzero(as_tuple=True)
-        where = flat[r, order[r, slots] - self.k]  # flat token index in the batch
+        batch_tokens = torch.zeros((len(rows), self.k), dtype=torch.long, device=key.device)
+        batch_keys[row[best], rank[best]] = key[best]
+        batch_tokens[row[best], rank[best]] = token[best]
+        merged = torch.cat([self.keys[rows], batch_keys], dim=1)  # (r, 2k)
+        survivors = torch.zeros_like(merged, dtype=torch.bool)
+        survivors.scatter_(1, merged.topk(self.k, dim=1).indices, True)
+        survivors &= torch.isfinite(merged)
+        # each surviving candidate takes a free slot of its row (an evicted or an empty one):
+        # row by row, the i-th candidate gets the i-th free slot
+        new = survivors[:, self.k :]
+        free = ~survivors[:, : self.k]
+        free &= free.long().cumsum(1) <= new.sum(1, keepdim=True)
+        r, column = new.nonzero(as_tuple=True)
+        slot = free.nonzero(as_tuple=True)[1]
+        where = batch_tokens[r, column]
         seq, pos, feature = where // n_pos, where % n_pos, rows[r]
-        width = min(n_pos, n_ctx)
-        values[r, slots] = acts[seq, pos, feature].to(values.dtype)
-        example[r, slots] = example_ids[seq]
-        position[r, slots] = pos
-        tokens[r, slots, :width] = token_ids[seq, :width]
-        context_acts[r, slots, :width] = acts[seq, :width, feature].to(context_acts.dtype)
-        self.keys[rows], self.values[rows], self.example[rows] = new_keys, values, example
-        self.position[rows], self.tokens[rows], self.acts[rows] = position, tokens, context_acts
+        width = min(n_pos, self.tokens.shape[2])
+        self.keys[feature, slot] = batch_keys[r, column]
+        self.values[feature, slot] = acts[seq, pos, feature].to(self.values.dtype)
+        self.example[feature, slot] = example_ids[seq]
+        self.position[feature, slot] = pos
+        self.tokens[feature, slot] = -1
+        self.tokens[feature, slot, :width] = token_ids[seq, :width]
+        self.acts[feature, slot] = 0
+        self.acts[feature, slot, :width] = acts[seq, :width, feature].to(self.acts.dtype)
+
+    def ranked(self) -> ContextTable:
+        """The same entries, largest key first in every row (empty slots last)."""
+        order = self.keys.argsort(dim=1, descending=True, stable=True)
+        n_ctx = self.tokens.shape[2]
+        order3 = order[..., None].expand(-1, -1, n_ctx)
+        return ContextTable(
+            keys=self.keys.gather(1, order),
+            values=self.values.gather(1, order),
+            example=self.example.gather(1, order),
+            position=self.position.gather(1, order),
+            tokens=self.tokens.gather(1, order3),
+            acts=self.acts.gather(1, order3),
+        )
 
 
 class Histogram:
@@ -131,13 +157,12 @@ class Histogram:
         """(d,) upper edge of each feature's histogram."""
         return torch.ldexp(torch.ones_like(self.exponent, dtype=torch.float64), self.exponent)
 
-    def update(self, values: torch.Tensor, features: torch.Tensor) -> None:
-        """Count positive activations `values` (n,) of features `features` (n,)."""
+    def update(self, values: torch.Tensor, features: torch.Tensor, peak: torch.Tensor) -> None:
+        """Count positive activations `values` (n,) of features `features` (n,); peak (d,) is
+        each feature's largest value among them (0 for none)."""
         if values.numel() == 0:
             return
-        d = self.counts.shape[0]
-        peak = torch.zeros(d, dtype=torch.float64, device=values.device)
-        peak.scatter_reduce_(0, features, values.double(), reduce="amax")
+        peak = peak.double()
         _, needed = torch.frexp(peak)  # peak < 2**needed
         grow = (needed.long() - self.exponent).clamp(min=0) * (peak > 0)
         # after log2(n_bins) merges every count is in bin 0, and stays there

@@ -6,6 +6,7 @@ document and the scores printed beside it always come from the same pruning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tracer.graph.graph import Graph
@@ -58,11 +59,13 @@ def prune_graph(
     *,
     slug: str = "graph",
     tokenizer=None,
+    labels: Callable[[int, int], str] | None = None,
     full_scores: bool = True,
 ) -> PrunedGraph:
     """Prune `graph`; its viewer document and scores (full-graph scores too with `full_scores`).
 
     `tokenizer` (anything with `decode(ids)`) labels tokens and logits; without it, token ids.
+    `labels(layer, feature)` labels feature nodes (the document's `clerp`).
     """
     result = graph.prune(node_threshold, edge_threshold)
     document = to_viewer_json(
@@ -70,6 +73,7 @@ def prune_graph(
         result,
         slug=slug,
         tokenizer=tokenizer,
+        labels=labels,
         node_threshold=node_threshold,
         edge_threshold=edge_threshold,
     )

@@ -20,6 +20,8 @@ a full graph never goes to a viewer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tracer.graph.graph import Graph, LogitTarget, library_version
 from tracer.graph.pruning import PruneResult
 
@@ -61,7 +63,13 @@ def logit_vocab_index(graph: Graph, k: int) -> int:
     return int(vocab_size) + k
 
 
-def viewer_nodes(graph: Graph, result: PruneResult, tokenizer=None) -> list[dict]:
+def viewer_nodes(
+    graph: Graph,
+    result: PruneResult,
+    tokenizer=None,
+    labels: Callable[[int, int], str] | None = None,
+) -> list[dict]:
+    """The document's nodes; `labels(layer, feature)` gives feature nodes their `clerp`."""
     layout, n_layers = graph.layout, graph.n_layers
     influence = result.node_influence.tolist()
     selected = graph.active_features[graph.selected_features].tolist()
@@ -81,7 +89,7 @@ def viewer_nodes(graph: Graph, result: PruneResult, tokenizer=None) -> list[dict
                 "ctx_idx": pos,
                 "feature_type": FEATURE_TYPE,
                 "activation": activations[index],
-                "clerp": "",
+                "clerp": labels(layer, feature) if labels is not None else "",
             }
         elif index < layout.n_features + layout.n_errors:
             layer, pos = divmod(index - layout.n_features, graph.n_pos)
@@ -132,11 +140,12 @@ def to_viewer_json(
     *,
     slug: str = "graph",
     tokenizer=None,
+    labels: Callable[[int, int], str] | None = None,
     node_threshold: float | None = None,
     edge_threshold: float | None = None,
 ) -> dict:
     """The viewer document for a pruned graph."""
-    nodes = viewer_nodes(graph, result, tokenizer)
+    nodes = viewer_nodes(graph, result, tokenizer, labels)
     ids = {
         index: node["node_id"]
         for index, node in zip(

@@ -10,8 +10,8 @@ is a read point with a transform (`normalized`).
 
 Token nodes write the token embedding only (`embed_tokens`): GPT-2's learned position embedding is
 added to the residual stream like a bias, a constant of the replacement model (the reference does
-the same). Gemma-2's `embed_tokens` already multiplies by sqrt(d_model), so its output is what
-enters the residual stream.
+the same). Gemma-2's and Gemma-3's `embed_tokens` already multiply by sqrt(d_model), so its output
+is what enters the residual stream.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class Family:
     )
     final_softcap_attr: str | None = None  # config attribute of a final logit soft-cap
     attn_implementation: str | None = None  # implementation the family must run with
+    # the MLP block returns a tuple whose first element is its write (GPT-OSS: router scores too)
+    mlp_returns_tuple: bool = False
 
     def __post_init__(self) -> None:
         assert self.norm_style in NORM_STYLES, self.norm_style
@@ -106,7 +108,48 @@ GEMMA2 = Family(
     attn_implementation="eager",
 )
 
-FAMILIES = (GPT2, LLAMA, QWEN3, GEMMA2)
+# Gemma-3 (`Gemma3ForCausalLM`, model type gemma3_text): Gemma-2's block layout (four norms,
+# (1 + w) scaling, post_feedforward_layernorm as the MLP's write) with q/k norms inside attention
+# (they only shape the frozen pattern), sliding-window layers with their own RoPE, and the
+# sqrt(d_model) scale in embed_tokens (a scaled embedding module). No attention soft-cap, so the
+# default (sdpa) attention serves; the final logit soft-cap is honoured when configured.
+GEMMA3 = Family(
+    **{
+        **GEMMA2.__dict__,
+        "name": "gemma3",
+        "model_types": ("gemma3_text",),
+        "attn_implementation": None,
+    }
+)
+
+# The text model of `Gemma3ForConditionalGeneration` (model type gemma3): the same decoder stack
+# under model.language_model; the vision tower never runs on text prompts. Its forward applies
+# no final logit soft-cap, whatever the text config says.
+GEMMA3_MULTIMODAL = Family(
+    **{
+        **GEMMA3.__dict__,
+        "name": "gemma3_multimodal",
+        "model_types": ("gemma3",),
+        "base": "model.language_model",
+        "final_softcap_attr": None,
+    }
+)
+
+# GPT-OSS: Llama's block layout with a mixture-of-experts MLP block (router + experts) returning
+# (output, router scores). A transcoder replaces the whole block's output; the router belongs to
+# the frozen MLP, so the error node absorbs its effect. Attention sinks drop out of the softmax
+# pattern, which the frozen attention reads off the family's eager function.
+GPT_OSS = Family(
+    **{
+        **LLAMA.__dict__,
+        "name": "gpt_oss",
+        "model_types": ("gpt_oss",),
+        "attn_implementation": "eager",
+        "mlp_returns_tuple": True,
+    }
+)
+
+FAMILIES = (GPT2, LLAMA, QWEN3, GEMMA2, GEMMA3, GEMMA3_MULTIMODAL, GPT_OSS)
 
 
 def family_for(model_type: str) -> Family:
@@ -149,6 +192,11 @@ def check_hook(hook: str, *, write: bool) -> str:
         kind = "feature_output_hook" if write else "feature_input_hook"
         raise ValueError(f"{kind} {hook!r} is not supported; valid: {', '.join(valid)}")
     return name
+
+
+def text_config(config):
+    """The decoder stack's config: a multimodal wrapper's text config (Gemma-3), else `config`."""
+    return config.get_text_config(decoder=True)
 
 
 def hook_point(family: Family, hook: str, *, write: bool) -> HookPoint:

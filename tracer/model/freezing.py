@@ -58,6 +58,14 @@ class Recording:
     patterns: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (1, heads, n, n)
     scales: dict[str, torch.Tensor] = field(default_factory=dict)  # norm path -> (1, n, 1)
 
+    def prefix(self, n: int) -> Recording:
+        """The recording of the prompt's first `n` positions (views, no copies): patterns are
+        causal, so those of a prefix are the top-left corners of the prompt's."""
+        return Recording(
+            patterns={layer: p[..., :n, :n] for layer, p in self.patterns.items()},
+            scales={name: s[..., :n, :] for name, s in self.scales.items()},
+        )
+
 
 @dataclass(frozen=True)
 class _Pass:

@@ -30,6 +30,7 @@ from tracer.model.families import (
     hook_point,
     norm_eps,
     normalize,
+    text_config,
 )
 from tracer.model.freezing import Recording
 from tracer.model.wrapping import Wrapping
@@ -84,6 +85,30 @@ class PromptState:
     def n_pos(self) -> int:
         return self.input_ids.shape[0]
 
+    def prefix(self, n: int) -> PromptState:
+        """The state of the prompt's first `n` positions (views, no copies). With attention and
+        norms frozen, a position depends only on those before it, so the linear pass of a prefix
+        is exactly the prompt's restricted to it."""
+        if not 1 <= n <= self.n_pos:
+            raise ValueError(f"prefix length must be in [1, {self.n_pos}], got {n}")
+
+        def cut(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+            return None if tensors is None else [t[:n] for t in tensors]
+
+        return PromptState(
+            input_ids=self.input_ids[:n],
+            embeddings=self.embeddings[:n],
+            token_embeddings=self.token_embeddings[:n],
+            reads=cut(self.reads),
+            mlp_outputs=cut(self.mlp_outputs),
+            activations=cut(self.activations),
+            errors=cut(self.errors),
+            final_hidden=self.final_hidden[:n],
+            logits=self.logits[:n],
+            recording=self.recording.prefix(n),
+            read_scales=cut(self.read_scales),
+        )
+
 
 class ReplacementModel:
     """A causal LM with a transcoder set, ready for attribution and interventions.
@@ -121,7 +146,8 @@ class ReplacementModel:
         self.base = get_module(model, self.family.base)
         self.layers = get_module(self.base, self.family.layers)
         self.n_layers = len(self.layers)
-        self.d_model = model.config.hidden_size
+        self.text_config = text_config(model.config)  # a multimodal wrapper's text model's
+        self.d_model = self.text_config.hidden_size
         self._check_transcoders()
         self.read_point = hook_point(self.family, transcoders.feature_input_hook, write=False)
         self.write_module = hook_point(
@@ -132,7 +158,7 @@ class ReplacementModel:
         self._wrapping: Wrapping | None = Wrapping.acquire(model, self.family)
         self.freezer = self._wrapping.freezer
         self.softcap = (
-            getattr(model.config, self.family.final_softcap_attr, None)
+            getattr(self.text_config, self.family.final_softcap_attr, None)
             if self.family.final_softcap_attr
             else None
         )
@@ -218,7 +244,7 @@ class ReplacementModel:
     # ---- prompts -------------------------------------------------------------------------------
     @property
     def context_length(self) -> int | None:
-        config = self.model.config
+        config = self.text_config
         return getattr(config, "n_positions", None) or getattr(
             config, "max_position_embeddings", None
         )
@@ -257,14 +283,14 @@ class ReplacementModel:
         return torch.tensor(ids, dtype=torch.long)
 
     def _special_token_ids(self) -> set[int]:
-        config = self.model.config
+        config = self.text_config
         ids = {getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         if self.tokenizer is not None:
             ids |= set(self.tokenizer.all_special_ids)
         return {i for i in ids if isinstance(i, int)}
 
     def _start_token_id(self) -> int | None:
-        for source in (self.tokenizer, self.model.config):
+        for source in (self.tokenizer, self.text_config):
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 value = getattr(source, key, None) if source is not None else None
                 if isinstance(value, int):
@@ -285,8 +311,10 @@ class ReplacementModel:
         return logits
 
     def _layer_module(self, layer: int, name: str):
-        envoy = get_module(self.envoy, self.family.layers)[layer]
-        return get_module(envoy, name)
+        envoy = get_module(get_module(self.envoy, self.family.layers)[layer], name)
+        if name == self.family.mlp and self.family.mlp_returns_tuple:
+            return _TupleHead(envoy)
+        return envoy
 
     def _read_envoy(self, layer: int, scale: torch.Tensor | None = None):
         """Inside a trace: what layer's transcoder reads. A normalising read point uses the norm
@@ -430,6 +458,30 @@ class ReplacementModel:
             final_hidden=final,
             leaves=[t._base for t in (embed, *writes)],
         )
+
+
+class _TupleHead:
+    """The envoy of an MLP block that returns (write, extras...) (GPT-OSS's router scores), seen
+    as a block returning its write alone: `output` reads and replaces the first element, `skip`
+    returns the value with no extras."""
+
+    def __init__(self, envoy) -> None:
+        self._envoy = envoy
+
+    @property
+    def input(self):
+        return self._envoy.input
+
+    @property
+    def output(self):
+        return self._envoy.output[0]
+
+    @output.setter
+    def output(self, value) -> None:
+        self._envoy.output = (value, *self._envoy.output[1:])
+
+    def skip(self, value) -> None:
+        self._envoy.skip((value, None))
 
 
 def _in_dtype(transcoders: TranscoderSet, dtype: torch.dtype) -> TranscoderSet:
