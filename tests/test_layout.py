@@ -16,7 +16,8 @@ from tests.stage_imports import ImportGraph
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ("tracer/model", "tracer/transcoders", "tracer/attribution", "tracer/graph")
-ENGINE += ("tracer/interventions", "tracer/atomic.py", "tracer/hub.py", "tracer/memory.py")
+ENGINE += ("tracer/interventions", "tracer/features", "tracer/atomic.py", "tracer/hub.py")
+ENGINE += ("tracer/memory.py",)
 OUTSIDE_ENGINE = (
     "tracer/experiments/",
     "tracer/zoo/",

@@ -6,8 +6,9 @@ Works in a clone (as tests/test_pipeline.py, whose helpers it uses) carrying the
 changes, cut down to one zoo profile and two prompts. The local run goes first; then params.yaml
 points the stages at the head (`execution.address`) and the three stages are forced to run
 again. Switching engines is no stage dependency (it changes no result), hence `--force`. Stages
-run one by one (`--single-item`): the zoo stages upstream, committed with their outputs, are not
-this test's business (a working tree with changes to their code would retrain them).
+run one by one (`--single-item`): the stages upstream (the zoo, the feature pages), committed
+with their outputs, are not this test's business (a working tree with changes to their code
+would rebuild them).
 Budget: ~2.5 minutes on 2 cores.
 """
 
@@ -46,7 +47,6 @@ def working_tree_clone(tmp_path: Path) -> Path:
     run(clone, "git", "config", "user.name", "tracer tests")
     run(clone, "git", "config", "user.email", "tests@tracer.invalid")
     edit_params(clone, cut_down)
-    run(clone, "git", "rm", "-r", "--quiet", "--ignore-unmatch", "outputs")
     run(clone, "git", "add", "-A")
     run(clone, "git", "commit", "--quiet", "-m", "test: the working tree, one profile")
     return clone

@@ -23,10 +23,12 @@ import torch
 from tracer.model.replacement import LinearPass, PromptState, ReplacementModel
 
 ELEMENT_BUDGET = 1 << 22  # elements per temporary buffer of row blocks (tracer.attribution)
-# Cost of one linear forward relative to one backward of all layers at the same length and
-# batch (measured on the benchmark fixture: the forward also runs the family's query and key
-# projections and the trace's bookkeeping)
-FORWARD_COST = 1.5
+# A linear forward of `length` positions costs about as much as backward passes through
+# FORWARD_COST * n_layers * (length + FORWARD_OVERHEAD) (layer, position) steps at the same batch
+# (measured on the benchmark fixture: the forward also runs the family's query and key
+# projections, and a trace has a fixed cost)
+FORWARD_COST = 1.75
+FORWARD_OVERHEAD = 8
 
 
 RUN_SLOTS = 1 << 14  # padded (position, source) slots per run: its product is (slots, batch)
@@ -134,9 +136,10 @@ def plan_prefix_lengths(
 
     A batch of `length` (its last target's position + 1) and `depth` (layers its backward
     crosses) runs through the shortest pass at least `length` long. The lengths minimise the
-    modelled time: a pass costs `forward_cost * n_layers * length`, a batch `depth * length`
-    (both linear in the length at the prompt sizes attribution meets). The full length is
-    always among them (logit rows read the last position).
+    modelled time: a pass costs `forward_cost * n_layers * (length + FORWARD_OVERHEAD)`, a
+    batch `depth * length` (the attention's part quadratic in the length is small at the prompt
+    sizes attribution meets). The full length is always among them (logit rows read the last
+    position).
     """
     weight = [0.0] * (n_pos + 1)  # summed depth of the batches needing exactly each length
     for length, depth in needs:
@@ -152,6 +155,7 @@ def plan_prefix_lengths(
         for i in range(j, -1, -1):
             covered += weight[candidates[i]]
             cost = (best[i - 1] if i > 0 else 0.0) + (build + covered) * length
+            cost += build * FORWARD_OVERHEAD
             if cost < top:
                 top, top_i = cost, i
         best.append(top)

@@ -30,11 +30,11 @@ from pydantic import ValidationError
 
 from tracer.atomic import atomic_path, write_json
 from tracer.experiments.execution import Job, Outcome, files_of, run_jobs
+from tracer.experiments.outputs import GRAPH_SUFFIX
 from tracer.experiments.params import AttributionParams, ExecutionParams, PromptSpec
 from tracer.graph.graph import Graph, library_version
 
 SWEEP_FILE = "sweep.json"
-GRAPH_SUFFIX = ".safetensors"
 RECORD_SUFFIX = ".json"
 
 
