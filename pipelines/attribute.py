@@ -11,7 +11,6 @@ identical inputs. One task per prompt, run here or on Ray (`execution:` in param
 
 from __future__ import annotations
 
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from tracer.atomic import write_folder, write_json
 from tracer.experiments import outputs
 from tracer.experiments.execution import Job, raise_failures, run_jobs, write_files
+from tracer.experiments.fetched import read_record
 from tracer.experiments.params import load_params
 from tracer.experiments.sweep import (
     attribute_files,
@@ -33,10 +33,10 @@ __all__ = ["attribute_prompt", "load_fetched", "load_model", "main"]  # validate
 
 
 def load_fetched(name: str) -> dict:
-    path = outputs.fetched_dir(ROOT, name) / outputs.FETCHED_FILE
-    if not path.is_file():
-        raise SystemExit(f"{path} does not exist; run the fetch stage first (`dvc repro`)")
-    return json.loads(path.read_text())
+    try:
+        return read_record(ROOT, name)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
 
 
 def main(name: str) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pipelines.attribute import load_fetched, load_model
 from tracer.experiments import outputs
 from tracer.experiments.datasets import read_texts
+from tracer.experiments.fetched import load_model, read_record
 from tracer.experiments.params import FeaturesParams, load_params
 from tracer.features.pages import PageSettings, collect_pages, examples_from_texts
 from tracer.features.storage import save_pages
@@ -41,7 +41,7 @@ def file_sha256(path: Path) -> str:
 def build_pages(name: str, params, out: Path, progress: bool = True) -> Path:
     features = params.features
     profile = features.sets[name]
-    fetched = load_fetched(profile)
+    fetched = read_record(ROOT, profile)
     settings = page_settings(features)
     with load_model(fetched) as model:
         texts = read_texts(features.dataset, features.text_field)

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from tracer.atomic import atomic_path, write_json
 from tracer.experiments.execution import Job, Outcome, files_of, run_jobs
+from tracer.experiments.fetched import load_model
 from tracer.experiments.outputs import GRAPH_SUFFIX
 from tracer.experiments.params import AttributionParams, ExecutionParams, PromptSpec
 from tracer.graph.graph import Graph, library_version
@@ -39,22 +40,6 @@ RECORD_SUFFIX = ".json"
 
 
 # ---- one prompt's attribution (also the attribute stage's) -------------------------------------
-def load_model(fetched: dict):
-    """The profile's replacement model from the folders the fetch stage (or `resolve_profile`)
-    recorded."""
-    from tracer.model.replacement import ReplacementModel
-
-    model, transcoders = fetched["model"], fetched["transcoders"]
-    replacement = ReplacementModel.from_pretrained(
-        model["path"], transcoders["path"], dtype=fetched["dtype"]
-    )
-    # Graphs name what was fetched (hub id and commit), not the local folder it was copied to.
-    replacement.model_id, replacement.model_revision = model["source"], model["revision"]
-    replacement.transcoders.source = transcoders["source"]
-    replacement.transcoders.revision = transcoders["revision"]
-    return replacement
-
-
 def attribute_prompt(model, spec: PromptSpec, settings: AttributionParams) -> tuple[Graph, dict]:
     """One prompt's graph and its run record: seconds per phase and, in bytes, the growth of the
     process's peak RSS during this attribution (as the benchmarks measure it)."""
