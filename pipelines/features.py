@@ -1,20 +1,20 @@
 """DVC stage features@SET: the feature pages of one transcoder set (params.yaml `features:`).
 
 Runs the model of the set's profile (`features.sets.SET`, loaded from what the fetch stage
-recorded) over `features.dataset` and writes `outputs/features/SET/` (tracer.features.storage),
-atomically. Its index names the model, the transcoder set and the dataset with its sha256.
+recorded) over the dataset the dataset stage fetched (`outputs/dataset/`) and writes
+`outputs/features/SET/` (tracer.features.storage), atomically. Its index names the model, the
+transcoder set and the dataset with its revision and sha256.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from tracer.experiments import outputs
-from tracer.experiments.datasets import read_texts
+from tracer.experiments.datasets import dataset_record, fetched_texts
 from tracer.experiments.fetched import load_model, read_record
 from tracer.experiments.params import FeaturesParams, load_params
 from tracer.features.pages import PageSettings, collect_pages, examples_from_texts
@@ -22,6 +22,7 @@ from tracer.features.storage import save_pages
 from tracer.memory import return_freed_memory
 
 ROOT = Path("outputs")
+DATASET = ROOT / "dataset"  # the dataset stage's output
 
 
 def page_settings(params: FeaturesParams) -> PageSettings:
@@ -30,21 +31,14 @@ def page_settings(params: FeaturesParams) -> PageSettings:
     return PageSettings(**(values | {"quantiles": tuple(params.quantiles)}))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_pages(name: str, params, out: Path, progress: bool = True) -> Path:
     features = params.features
     profile = features.sets[name]
     fetched = read_record(ROOT, profile)
     settings = page_settings(features)
+    dataset = dataset_record(DATASET)
     with load_model(fetched) as model:
-        texts = read_texts(features.dataset, features.text_field)
+        texts = fetched_texts(DATASET, features.text_field)
         examples = examples_from_texts(model, texts, settings)
         n_tokens = sum(len(e) - 1 for e in examples)
         with tqdm(total=n_tokens, unit="tok", desc=f"features@{name}", disable=not progress) as bar:
@@ -57,8 +51,9 @@ def build_pages(name: str, params, out: Path, progress: bool = True) -> Path:
             "model_revision": fetched["model"]["revision"],
             "transcoders": fetched["transcoders"]["source"],
             "transcoder_revision": fetched["transcoders"]["revision"],
-            "dataset": features.dataset,
-            "dataset_sha256": file_sha256(Path(features.dataset)),
+            "dataset": dataset["source"],
+            "dataset_revision": dataset["revision"],
+            "dataset_sha256": dataset["sha256"],
         }
         return save_pages(
             out,

@@ -114,10 +114,18 @@ class _Handler(BaseHTTPRequestHandler):
         byte_range = self.headers.get("Range")
         hub.requests.append(f"{self.command} {path}" + (f" {byte_range}" if byte_range else ""))
         parts = path.split("/")
+        # dataset repos: /api/datasets/ORG/NAME/... and /datasets/ORG/NAME/resolve/...; they are
+        # kept in `repos` as "datasets/ORG/NAME"
+        kind = ""
+        if parts[:2] == ["api", "datasets"]:
+            parts, kind = ["api", "models", *parts[2:]], "datasets/"
+        elif parts[:1] == ["datasets"]:
+            parts, kind = parts[1:], "datasets/"
         api = parts[:2] == ["api", "models"]
         if len(parts) < (6 if api else 5):  # e.g. huggingface_hub's own /api/agent-harnesses probe
             return self.fail("EntryNotFound")
         repo_id, rev = ("/".join(parts[2:4]), parts[5]) if api else ("/".join(parts[:2]), parts[3])
+        repo_id = kind + repo_id
         if repo_id not in hub.repos:
             return self.fail("RepoNotFound")
         refs, commits = hub.repos[repo_id]
@@ -126,7 +134,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self.fail("RevisionNotFound")
         files, as_json = commits[sha], {"Content-Type": "application/json"}
         if api and parts[4] == "revision":
-            return self.reply(200, json.dumps({"id": repo_id, "sha": sha}).encode(), as_json)
+            info = {"id": repo_id.removeprefix(kind), "sha": sha}
+            return self.reply(200, json.dumps(info).encode(), as_json)
         if api and parts[4] == "tree":
             folder = "/".join(parts[6:])
             recursive = parse_qs(url.query).get("recursive", ["false"])[0].lower() == "true"

@@ -363,17 +363,18 @@ def test_a_new_dataset_rebuilds_the_pages_and_relabels(built: Built, tmp_path: P
     clone = copy_of(built, tmp_path)
     before = digests(clone, f"outputs/features/{PROFILE}")
     lines = (clone / "zoo/corpus/train.txt").read_text().splitlines()
-    (clone / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[::-3]))
-    running = stages_run_after(clone, lambda p: p["features"].update(dataset="texts.jsonl"))
+    data = "".join(json.dumps({"text": t}) + "\n" for t in lines[::-3]).encode()
+    (clone / "datasets/texts.jsonl").write_bytes(data)
+    running = stages_run_after(
+        clone, lambda p: p["features"].update(dataset="datasets/texts.jsonl")
+    )
     prunes = {f"prune@{name}" for name in read_params(clone)["profiles"]}
     assert running[0] == "params" and running[-2:] == list(LAST)
-    assert sorted(running[1:-2]) == sorted({f"features@{PROFILE}"} | prunes)
+    assert sorted(running[1:-2]) == sorted({"dataset", f"features@{PROFILE}"} | prunes)
     assert digests(clone, f"outputs/features/{PROFILE}") != before
     index = json.loads((clone / f"outputs/features/{PROFILE}/index.json").read_text())
-    assert index["dataset"] == "texts.jsonl"
-    assert (
-        index["dataset_sha256"] == hashlib.sha256((clone / "texts.jsonl").read_bytes()).hexdigest()
-    )
+    assert index["dataset"] == "datasets/texts.jsonl"
+    assert index["dataset_sha256"] == hashlib.sha256(data).hexdigest()
     # the viewer documents carry the new pages' labels
     document = json.loads(
         (clone / f"outputs/profiles/{PROFILE}/two-hop-tampa/pruned.json").read_text()

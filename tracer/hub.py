@@ -199,10 +199,12 @@ def list_folder(ref: HfRef) -> list[str]:
     return sorted(PurePosixPath(p).name for p in paths if PurePosixPath(p).parent == parent)
 
 
-def repo_files(repo_id: str, revision: str) -> dict[str, RepoFile]:
+def repo_files(repo_id: str, revision: str, repo_type: str = "model") -> dict[str, RepoFile]:
     """Every file of a repo at `revision` with its size and checksum (LFS sha256 or git blob id)."""
     try:
-        tree = HfApi().list_repo_tree(repo_id, revision=revision, recursive=True)
+        tree = HfApi().list_repo_tree(
+            repo_id, revision=revision, recursive=True, repo_type=repo_type
+        )
         return {e.path: e for e in tree if isinstance(e, RepoFile)}
     except HUB_ERRORS as e:
         raise HubError(HfRef(repo_id, "", revision), error_reason(e)) from e

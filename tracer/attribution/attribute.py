@@ -7,10 +7,12 @@ Phases, each a function below:
 2. `select_logit_targets`: the logits to explain (top tokens by probability, or custom targets).
 3. `collect_sources`: active features in (layer, pos, feature) order and their write vectors.
 4. `ReplacementModel.linear_forward`: the prompt repeated `batch_size` times, linear in the sources,
-   kept once and back-propagated many times.
+   kept once and back-propagated many times; with every feature a node, also a few prefixes of
+   the prompt (`prefix_lengths`), since a batch of targets needs the backward only up to its
+   last target's position.
 5. `RowComputer.rows` (tracer/attribution/rows.py): inject each target's read vector as the gradient at its
-   read point, one backward per batch of targets; contract gradients with every source's write
-   vector as the backward reaches it.
+   read point, one backward per batch of targets through the shortest pass that holds it;
+   contract gradients with every source's write vector as the backward reaches it.
 6. `explore_features`: rows for the logits, then for features in order of their current estimated
    influence on the logits, until `max_feature_nodes`, written into the adjacency in node order
    `[selected features | errors (layer-major) | tokens | logits]`, rows targets, columns sources.

@@ -22,15 +22,13 @@ import torch
 
 from tracer.model.replacement import LinearPass, PromptState, ReplacementModel
 
-ELEMENT_BUDGET = 1 << 22  # elements per temporary buffer of row blocks (tracer.attribution)
+ELEMENT_BUDGET = 1 << 22  # elements per temporary block of rows (tracer/attribution/attribute.py)
 # A linear forward of `length` positions costs about as much as backward passes through
 # FORWARD_COST * n_layers * (length + FORWARD_OVERHEAD) (layer, position) steps at the same batch
 # (measured on the benchmark fixture: the forward also runs the family's query and key
 # projections, and a trace has a fixed cost)
 FORWARD_COST = 1.75
 FORWARD_OVERHEAD = 8
-
-
 RUN_SLOTS = 1 << 14  # padded (position, source) slots per run: its product is (slots, batch)
 RUN_PADDING = 1.25  # at most this many slots per source in a run (beyond one per position)
 
@@ -78,12 +76,12 @@ class WriteSources:
                 stop, width = stop + 1, wider
             first, last = offsets[start], offsets[stop]
             rows = positions[first:last] - start
-            padded = torch.zeros(stop - start, width, vectors.shape[1], dtype=vectors.dtype)
-            padded[rows, slots[first:last]] = vectors[order[first:last]]
+            block = torch.zeros(stop - start, width, vectors.shape[1], dtype=vectors.dtype)
+            block[rows, slots[first:last]] = vectors[order[first:last]]
             runs.append(
                 SourceRun(
                     start=start,
-                    vectors=padded,
+                    vectors=block,
                     flat=rows * width + slots[first:last],
                     columns=columns[first:last],
                     offsets=[o - first for o in offsets[start : stop + 1]],
@@ -250,7 +248,7 @@ def _contraction(table: WriteSources, n_pos: int, out: torch.Tensor):
     """The hook contracting a write point's gradient (batch, positions, d_model) with its sources
     at the first `n_pos` positions (the rest get none of the rows' gradient), added into `out`."""
 
-    def contract(grad: torch.Tensor) -> None:
+    def contract(grad: torch.Tensor) -> torch.Tensor:
         n = out.shape[0]
         for run in table.runs:
             if run.start >= n_pos:
@@ -263,5 +261,8 @@ def _contraction(table: WriteSources, n_pos: int, out: torch.Tensor):
             products = torch.bmm(run.vectors[:length], at)  # (length, slots, n)
             values = products.view(-1, n).index_select(0, run.flat[:m])  # (m, n)
             out.index_add_(1, run.columns[:m], values.T)
+        # what flows on is summed into the write point's leaf, which nobody reads: zeros of no
+        # memory let the gradient's buffer go now, and make that sum read nothing
+        return torch.zeros((), dtype=grad.dtype).expand(grad.shape)
 
     return contract

@@ -7,7 +7,7 @@ with the offending key's dotted path in the message.
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
@@ -93,6 +93,46 @@ class TrackingParams(_Strict):
     experiment: str = Field("tracer", min_length=1)
 
 
+SUFFIXES = (".txt", ".jsonl")  # a feature-pages dataset file
+LOCAL_FOLDERS = ("zoo/corpus", "datasets")  # where local datasets live (the dataset stage's deps)
+HUB_PREFIX = "hf://datasets/"
+
+
+def check_dataset_spec(spec: str) -> str:
+    """A valid `features.dataset` value, or ValueError saying what would be valid."""
+    if PurePosixPath(spec.partition("@")[0]).suffix not in SUFFIXES:
+        raise ValueError(f"dataset must be a .txt or .jsonl file, got {spec!r}")
+    if spec.startswith("hf://"):
+        parse_dataset_uri(spec)
+        return spec
+    parts = PurePosixPath(spec).parts
+    inside = any(parts[: len(f.split("/"))] == tuple(f.split("/")) for f in LOCAL_FOLDERS)
+    if PurePosixPath(spec).is_absolute() or ".." in parts or not inside:
+        raise ValueError(
+            f"a local dataset must be a file inside {' or '.join(LOCAL_FOLDERS)}/ (the dataset "
+            f"stage depends on those folders), or hf://datasets/ORG/NAME/FILE; got {spec!r}"
+        )
+    return spec
+
+
+def parse_dataset_uri(uri: str) -> tuple[str, str]:
+    """`hf://datasets/ORG/NAME/PATH` -> (repo id, path in repo)."""
+    from huggingface_hub import utils as hf_utils
+
+    if not uri.startswith(HUB_PREFIX):
+        raise ValueError(f"a hub dataset is hf://datasets/ORG/NAME/FILE, got {uri!r}")
+    try:
+        parsed = hf_utils.parse_hf_uri(uri)
+        hf_utils.validate_repo_id(parsed.id)
+    except ValueError as error:
+        raise ValueError(f"invalid hub dataset URI {uri!r}: {error}") from None
+    if parsed.revision is not None or "@" in parsed.path_in_repo:
+        raise ValueError(f"{uri!r}: give the revision as features.dataset_revision, not in the URI")
+    if not parsed.path_in_repo:
+        raise ValueError(f"{uri!r} names no file of the dataset repo")
+    return parsed.id, parsed.path_in_repo
+
+
 class FeaturesParams(_Strict):
     """Feature pages (`features@SET` stages): the dataset and how pages are built.
 
@@ -103,8 +143,10 @@ class FeaturesParams(_Strict):
     dataset: str = Field(
         "zoo/corpus/train.txt",
         min_length=1,
-        description="a local .txt (one text per line) or .jsonl file (a `text_field` per record)",
+        description="a .txt (a text per line) or .jsonl file (a `text_field` per record) in "
+        "zoo/corpus/ or datasets/, or hf://datasets/ORG/NAME/FILE",
     )
+    dataset_revision: str | None = Field(None, description="hub dataset revision (pin a commit)")
     text_field: str = Field("text", min_length=1, description="the JSONL records' text key")
     n_tokens: int = Field(100_000, ge=1, description="data tokens read from the dataset")
     context: int = Field(16, ge=2, description="tokens per example, start token included")
@@ -126,10 +168,10 @@ class FeaturesParams(_Strict):
             raise ValueError(
                 f"features.histogram_bins must be a power of two, got {self.histogram_bins}"
             )
-        if Path(self.dataset).suffix not in (".txt", ".jsonl"):
-            raise ValueError(
-                f"features.dataset must be a .txt or .jsonl file, got {self.dataset!r}"
-            )
+        try:
+            check_dataset_spec(self.dataset)
+        except ValueError as error:
+            raise ValueError(f"features.dataset: {error}") from None
         return self
 
 
