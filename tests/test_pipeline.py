@@ -39,7 +39,8 @@ BIN = Path(sys.executable).parent  # dvc and the stages' `python` come from this
 PROFILE = "gpt2-clt"  # the one enabled zoo profile the tests keep
 N_PROMPTS = 2
 PARENT_TAG = "mlflow.parentRunId"
-ARTIFACTS = {"pruned.json", "scores.json", "pruning_curve.png", "validation"}  # + the graph file
+ARTIFACTS = {"pruned.json", "scores.json", "pruning_curve.png", "validation", "features"}  # + graph
+HUMAN_LABEL = ("0:16", "florida after tampa")  # a feature of the two-hop graph, labelled by hand
 PER_PROFILE = ("fetch", "attribute", "prune", "validate")
 RUNNING = re.compile(r"Running stage '([^']+)'")
 LAST = ("compare", "track")  # the stages after the per-profile ones
@@ -180,7 +181,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     # the committed `cache: false` outputs belong to the full params: a cut-down project starts
     # without them, as a new project does
     run(clone, "git", "rm", "-r", "--quiet", "--ignore-unmatch", "outputs")
-    run(clone, "git", "commit", "--quiet", "-am", "test: one profile, two prompts")
+    (clone / "labels" / f"{PROFILE}.tsv").write_text("\t".join(HUMAN_LABEL) + "\n")
+    run(clone, "git", "add", "labels")
+    run(clone, "git", "commit", "--quiet", "-am", "test: one profile, two prompts, one label")
     head = run(clone, "git", "rev-parse", "HEAD").strip()
     code, output = repro(clone)
     assert code == 0, f"dvc repro failed ({code}):\n{output}"
@@ -209,7 +212,16 @@ def test_repro_on_a_clean_clone_logs_every_result_once(built: Built) -> None:
     assert enabled == [PROFILE]
     per_profile = {f"{stage}@{n}" for stage in PER_PROFILE for n in params["profiles"]}
     assert running[0] == "params"  # validation fails the run before anything else starts
-    assert set(running) == {"params", "compare", "track"} | per_profile
+    assert set(running) == {"params", "dataset", f"features@{PROFILE}", "compare", "track"} | (
+        per_profile
+    )
+    # the human label is the viewer document's clerp of that feature's nodes
+    layer, feature = HUMAN_LABEL[0].split(":")
+    document = json.loads(
+        (clone / f"outputs/profiles/{PROFILE}/two-hop-tampa/pruned.json").read_text()
+    )
+    labelled = [n for n in document["nodes"] if n["node_id"].startswith(f"{layer}_{feature}_")]
+    assert labelled and all(n["clerp"] == HUMAN_LABEL[1] for n in labelled)
 
     parents, nested = store_runs(sqlite_uri(clone), params["tracking"]["experiment"])
     assert len(parents) == 1 and len(nested) == len(enabled) * N_PROMPTS
@@ -255,6 +267,12 @@ def test_repro_on_a_clean_clone_logs_every_result_once(built: Built) -> None:
 
         run_id = logged.info.run_id
         assert {a.path for a in client.list_artifacts(run_id)} == ARTIFACTS | {path.name}
+        # the set's pages summary and labels file go with the run
+        features = {a.path for a in client.list_artifacts(run_id, "features")}
+        assert features == {"features/summary.json", f"features/{PROFILE}.tsv"}
+        summary = client.download_artifacts(run_id, "features/summary.json", str(clone.parent))
+        pages = clone / "outputs" / "features" / PROFILE / "summary.json"
+        assert Path(summary).read_bytes() == pages.read_bytes()
         assert logged.info.artifact_uri.startswith((clone / "mlartifacts").as_uri())
         copy = client.download_artifacts(run_id, path.name, str(clone.parent))
         uploaded = Graph.load(copy)
