@@ -46,7 +46,8 @@ def straightforward(model: ReplacementModel, examples: list[list[int]], settings
     results = []
     for per_batch in tables:
         table = torch.cat(per_batch)
-        top_edge = table.amax(0).clamp(min=1e-30)  # (d,)
+        # the streaming histogram's edges: from 0 to the smallest power of two above the max
+        top_edge = torch.ldexp(torch.ones(table.shape[1]), torch.frexp(table.amax(0))[1])
         bins = (table / top_edge * settings.histogram_bins).floor().long()
         bins = bins.clamp(max=settings.histogram_bins - 1)
         feature = torch.arange(table.shape[1]).expand_as(table)
@@ -90,8 +91,8 @@ def main() -> None:
         ("streaming", lambda: collect_pages(model, examples, settings)),
     ):
         start = time.perf_counter()
-        kept = []
-        growth = peak_growth(lambda run=run: kept.append(run()))
+        kept: list = []
+        growth = peak_growth(lambda run=run, kept=kept: kept.append(run()))
         timings[name] = (time.perf_counter() - start, growth)
         outputs[name] = kept[0]
         print(
@@ -106,7 +107,8 @@ def main() -> None:
         assert torch.allclose(page.act_max, act_max.clamp(min=0)), f"layer {layer}: maxima differ"
         filled = page.top.example >= 0
         assert torch.allclose(page.top.values[filled], top[filled]), f"layer {layer}: top differs"
-    print("counts, maxima and top-k values agree")
+        assert torch.equal(page.hist_counts, histogram), f"layer {layer}: histograms differ"
+    print("counts, maxima, top-k values and histograms agree")
 
     tokenizer = model.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
