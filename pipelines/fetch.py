@@ -4,7 +4,8 @@ Writes `outputs/fetched/PROFILE/`: `fetched.json` records, for each of model and
 source, the commit sha served (None for a local folder), the folder to load it from and a content
 hash; a disabled profile gets {"enabled": false} and fetches nothing.
 
-Local folders (the zoo) are loaded where they are. Hub repos are downloaded through
+Local folders (the zoo) are loaded where they are, unless their config names hub files: such a set
+is fetched whole like a hub set. Hub repos are downloaded through
 huggingface_hub's cache (`HF_HOME`; a second profile using the same repo and commit makes no
 request) and copied, as hard links where possible, to `outputs/fetched/PROFILE/model/` and
 `transcoders/`, which DVC caches. A transcoder set arrives with every file its config refers to,
@@ -45,7 +46,7 @@ def main(name: str) -> None:
                 transcoder_revision=profile.transcoder_revision,
             )
             for part, record in fetched.items():
-                if record["revision"] is not None:  # from the hub
+                if record["revision"] is not None or "files" in record:  # hub files in it
                     laid_out = materialize(record, folder / part)
                     fetched[part] = {**laid_out, "path": str(final / part)}
             document = {"enabled": True, "dtype": profile.dtype, **fetched}

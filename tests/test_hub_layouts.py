@@ -403,3 +403,31 @@ def test_dvc_round_trip_then_offline(
     )
     graph = attribute(PROMPT, rm, batch_size=64, progress=False)
     assert_columns_match_interventions(rm, graph, sample_columns(graph, 6), 1e-8)
+
+
+def test_local_config_naming_hub_files_is_fetched_whole(
+    hub: FakeHubServer, model_dir: Path, tmp_path: Path
+):
+    """A config kept locally whose `transcoders:` are hf:// URIs: its hub files are downloaded,
+    pinned, checksummed and laid out with it, so the fetched folder needs no hub."""
+    _, ts = gemmascope_npz(hub)
+    local = tmp_path / "local-set"
+    local.mkdir()
+    sha = hub.repos[CONFIG_REPO][0]["main"]
+    (local / "config.yaml").write_bytes(hub.repos[CONFIG_REPO][1][sha]["config.yaml"])
+    record = fetch_profile(str(model_dir), str(local))["transcoders"]
+    assert record["source"] == str(local) and record["revision"] is None
+    scope_sha = hub.repos[SCOPE][0]["main"]
+    assert {f["uri"].rpartition("@")[2] for f in record["files"]} == {scope_sha}
+    folder = Path(materialize(record, tmp_path / "fetched")["path"])
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert all("://" not in name and (folder / name).is_file() for name in config["transcoders"])
+    hub.requests.clear()
+    loaded = load_transcoders(folder)
+    assert hub.requests == []
+    for i in range(N_LAYERS):
+        assert torch.equal(loaded.layer(i).W_enc, ts.layer(i).W_enc.to(loaded.dtype))
+    hub.corrupt.add((SCOPE, "layer_1/width_16k/average_l0_71/params.npz"))
+    shutil.rmtree(constants.HF_HUB_CACHE)
+    with pytest.raises(FetchError, match="params.npz"):
+        fetch_profile(str(model_dir), str(local))

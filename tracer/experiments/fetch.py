@@ -131,10 +131,24 @@ def fetch_transcoders(
                 f"transcoders {transcoders!r} is a local folder; a revision ({revision!r}) only "
                 "applies to hf:// URIs"
             )
-        return _record(transcoders, None, folder)
+        try:
+            local_layout = read_layout(folder)
+        except (TranscoderFileError, FileNotFoundError, ValueError) as e:
+            raise FetchError(f"cannot fetch transcoders {transcoders}: {e}") from e
+        if not any(isinstance(f, HfRef) for f in local_layout.files):
+            return _record(transcoders, None, folder)
+        # a local config naming hub files: its closure is fetched and laid out like a hub set's
+        try:
+            layout = pinned(local_layout)
+        except HubError as e:
+            raise FetchError(f"cannot fetch transcoders {transcoders}: {e}") from e
     layout = layout or _transcoder_layout(transcoders, revision)
     for ref in layout.files:  # every file listed at its commit, before anything is downloaded
-        if is_commit(ref.revision) and ref.path_in_repo not in _expected_checksums(ref):
+        if (
+            isinstance(ref, HfRef)
+            and is_commit(ref.revision)
+            and ref.path_in_repo not in _expected_checksums(ref)
+        ):
             raise _error(
                 ref, f"file {ref.path_in_repo!r} (named by the set's config) is not in the repo"
             )
@@ -144,17 +158,20 @@ def fetch_transcoders(
         raise FetchError(f"cannot fetch transcoders {transcoders}: {e}") from e
     files, sources = [], {}
     for ref in layout.files:
-        path = local[ref]
-        pinned_ref = HfRef(ref.repo_id, ref.path_in_repo, cached_commit(path) or ref.revision)
-        algorithm, checksum = _verify(pinned_ref, path)
-        name = _name_in_folder(layout, ref)
-        files.append({"name": name, "uri": pinned_ref.uri, algorithm: checksum})
+        path, name = local[ref], _name_in_folder(layout, ref)
+        if isinstance(ref, Path):  # a file beside a local config
+            files.append({"name": name, "path": str(ref), "sha256": file_sha256(ref)})
+        else:
+            pinned_ref = HfRef(ref.repo_id, ref.path_in_repo, cached_commit(path) or ref.revision)
+            algorithm, checksum = _verify(pinned_ref, path)
+            files.append({"name": name, "uri": pinned_ref.uri, algorithm: checksum})
         sources[name] = path
     config = yaml.safe_dump(_rewritten_config(layout, files), sort_keys=False).encode()
     sha256 = _entries_sha256(sources | {CONFIG_FILE: config})
     # The laid out set is kept beside the cached config repo, named by its content, so a second
     # fetch of the same closure reuses it; `materialize` copies it into a stage output.
-    folder = repo_cache(layout.folder.repo_id) / "sets" / sha256[:32]
+    first_repo = next(f.repo_id for f in layout.files if isinstance(f, HfRef))
+    folder = repo_cache(first_repo) / "sets" / sha256[:32]
     if not folder.is_dir() or folder_sha256(folder) != sha256:
         write_folder(folder, lambda tmp: _place(sources | {CONFIG_FILE: config}, tmp))
     return {
@@ -204,16 +221,20 @@ def _check_layer_count(model: str, revision: str | None, layout: Layout) -> None
         )
 
 
-def _name_in_folder(layout: Layout, ref: HfRef) -> str:
+def _name_in_folder(layout: Layout, ref: HfRef | Path) -> str:
     """Where a file goes in the fetched folder: its path below the config's folder, else
     hub/<repo>/<path>; a CLT's W_enc_{i}/W_dec_{i} pairs at the top, as upstream reads them."""
+    if isinstance(ref, Path):  # beside a local config
+        if layout.cross_layer and len(layout.layers[0]) == 2:
+            return ref.name
+        return ref.relative_to(layout.folder).as_posix()
     if layout.cross_layer and len(layout.layers[0]) == 2:
         return ref.path_in_repo.rpartition("/")[2]
     folder = layout.folder
-    assert isinstance(folder, HfRef)
-    prefix = f"{folder.path_in_repo}/" if folder.path_in_repo else ""
-    if ref.repo_id == folder.repo_id and ref.path_in_repo.startswith(prefix):
-        return ref.path_in_repo[len(prefix) :]
+    if isinstance(folder, HfRef):
+        prefix = f"{folder.path_in_repo}/" if folder.path_in_repo else ""
+        if ref.repo_id == folder.repo_id and ref.path_in_repo.startswith(prefix):
+            return ref.path_in_repo[len(prefix) :]
     return f"{HUB_FOLDER}/{ref.repo_id}/{ref.path_in_repo}"
 
 
