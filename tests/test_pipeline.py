@@ -235,7 +235,8 @@ def test_repro_on_a_clean_clone_logs_every_result_once(built: Built) -> None:
         assert logged.data.tags[PARENT_TAG] == parents[0].info.run_id
         assert logged.data.tags["mlflow.source.git.commit"] == built.head
         stages = logged.data.tags["tracer.dvc.stages"].split(",")
-        assert sorted(stages) == sorted(f"{stage}@{PROFILE}" for stage in PER_PROFILE)
+        # its stages, and the pages of its transcoder set
+        assert sorted(stages) == sorted([*stages_of(PROFILE), f"features@{PROFILE}"])
         prompt = logged.data.params["prompt_id"]
         expected = {
             "profile": PROFILE,
