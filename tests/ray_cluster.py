@@ -8,6 +8,7 @@ Also the jobs the engine tests run: importable module-level functions, as Ray ne
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -36,11 +37,16 @@ def worker_path() -> str:
 
 @contextmanager
 def short_temp_dir() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    """A short temp dir for one Ray instance, held with an exclusive lock: test processes
+    running side by side (pytest-xdist) start one Ray instance at a time on this machine."""
+    with open(Path(tempfile.gettempdir()) / "tracer-tests-ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        folder = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ray_processes(temp_dir: Path) -> list[psutil.Process]:
