@@ -594,7 +594,7 @@ def test_queued_experiments_in_parallel_log_every_run(built: Built, tmp_path: Pa
             timeout=120,
             check=True,
         )
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900  # each experiment also rebuilds its (uncommitted) pages
         rows = queue_rows(clone, env)
         while {"Queued", "Running"} & set(rows.values()) and time.monotonic() < deadline:
             time.sleep(5)
