@@ -299,7 +299,7 @@ def logit_effects(model, layer: int, chunk: int = 1024) -> torch.Tensor:
 
 def _final_norm_linear(model, x: torch.Tensor) -> torch.Tensor:
     """The final norm applied to x (..., d_model) with its scale frozen at 1."""
-    norm = get_module(get_module(model.model, model.family.base), model.family.final_norm)
+    norm = get_module(model.base, model.family.final_norm)
     weight = norm.weight.float()
     style = model.family.norm_style
     if style == "layernorm":
