@@ -12,6 +12,7 @@ from dashboards.layout import (
     columns,
     document_layers,
     drawable,
+    drawn_labels,
     link_segments,
     node_positions,
     row_labels,
@@ -21,6 +22,8 @@ KIND_COLOURS = {"token": "#7f7f7f", "feature": "#4c78a8", "error": "#f58518", "l
 SIGN_COLOURS = {"positive": "#2c7bb6", "negative": "#d7191c"}
 HISTOGRAM_COLOUR = "#b279a2"
 NODE_SELECTION = "node"  # name of the click selection on the nodes layer
+PINNED = "pinned"  # the group of pinned nodes that belong to no supernode
+PIN_COLOURS = ["#9467bd", "#17becf", "#bcbd22", "#e377c2", "#8c564b", "#ff7f0e", "#1f77b4"]
 
 
 def _label_expr(labels: list[str]) -> str:
@@ -41,15 +44,21 @@ def _segments(
 
 
 def graph_chart(
-    document: dict, *, selected: str | None = None, height: int | None = None
+    document: dict,
+    *,
+    selected: str | None = None,
+    height: int | None = None,
+    pinned: dict[str, str] | None = None,
 ) -> alt.Chart:
     """The pruned graph: x = token position (prompt tokens as labels), y = emb / layers / logit.
 
     Nodes coloured by kind, sized by influence (logits by probability); links as segments with
-    width and opacity by |weight|, blue positive and red negative. The `selected` node is ringed
-    and its links drawn on top. Clicking a node fills the `node` selection (its node_id).
-    `height` in pixels; by default 80 a row, within [420, 900]. A document too large to draw
-    is cut as `layout.drawable` says.
+    width and opacity by |weight|, blue positive and red negative. Feature labels are written
+    under their nodes where there is room (`layout.drawn_labels`; in full on hover). The
+    `selected` node is ringed and its links drawn on top; `pinned` (node_id -> its supernode's
+    name, or PINNED) nodes get a ring coloured by group. Clicking a node fills the `node`
+    selection (its node_id). `height` in pixels; by default 80 a row, within [420, 900]. A
+    document too large to draw is cut as `layout.drawable` says.
     """
     document, _ = drawable(document)
     positions = node_positions(document)
@@ -139,6 +148,36 @@ def graph_chart(
         .mark_text(angle=320, align="left", dx=8, dy=-8, fontSize=11)
         .encode(x=x, y=y, text="text:N")
     )
+    labels = pd.DataFrame(
+        drawn_labels(document, positions), columns=["node_id", "x", "y", "size", "text", "label"]
+    )
+    if len(labels):
+        layers.append(
+            alt.Chart(labels)
+            .mark_text(align="center", baseline="top", dy=9, fontSize=10, color="#333333")
+            .encode(x=x, y=y, text="text:N", tooltip=[alt.Tooltip("label:N", title="label")])
+        )
+    ringed = nodes[nodes["node_id"].isin(list(pinned or {}))]
+    if len(ringed):
+        groups = sorted(set(pinned.values()) - {PINNED})
+        domain = [PINNED, *groups]
+        layers.append(
+            alt.Chart(ringed.assign(group=ringed["node_id"].map(pinned)))
+            .mark_point(shape="circle", size=520, filled=False, strokeWidth=3)
+            .encode(
+                x=x,
+                y=y,
+                color=alt.Color(
+                    "group:N",
+                    scale=alt.Scale(
+                        domain=domain,
+                        range=[PIN_COLOURS[i % len(PIN_COLOURS)] for i in range(len(domain))],
+                    ),
+                    legend=alt.Legend(title="pinned / supernode", orient="bottom"),
+                ),
+                tooltip=[alt.Tooltip("group:N", title="group"), alt.Tooltip("node_id:N")],
+            )
+        )
     if selected is not None and selected in set(nodes["node_id"]):
         touching = links[(links["source"] == selected) | (links["target"] == selected)]
         layers.append(

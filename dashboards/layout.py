@@ -25,6 +25,14 @@ LOGIT_GAP = 1.0  # x distance between logits on the top row (less if the prompt 
 # A browser draws a few thousand marks well; a graph pruned at thresholds near 1 has far more.
 MAX_DRAWN_NODES = 1500
 MAX_DRAWN_LINKS = 4000
+# Past this, even cutting the document down takes long enough to freeze the page: nothing is drawn.
+MAX_DRAWABLE_NODES = 20_000
+MAX_DRAWABLE_LINKS = 200_000
+# Feature labels written on the drawing: at most this many, about this many characters per unit of
+# x room (a plain column is one unit), never shorter than MIN_LABEL characters.
+MAX_DRAWN_LABELS = 120
+CHARS_PER_UNIT = 14
+MIN_LABEL = 6
 
 
 def document_layers(document: dict) -> int:
@@ -161,6 +169,57 @@ def drawable(
         f"{len(links)} links (the largest); lower the thresholds for a complete drawing."
     )
     return dict(document, nodes=kept, links=between), note
+
+
+def too_big(document: dict) -> str | None:
+    """A sentence saying the document is too large to draw at all, with what to do; None when it
+    can be drawn (perhaps cut, see `drawable`)."""
+    nodes, links = len(document["nodes"]), len(document["links"])
+    if nodes <= MAX_DRAWABLE_NODES and links <= MAX_DRAWABLE_LINKS:
+        return None
+    return (
+        f"This graph has {nodes:,} nodes and {links:,} links: too many to draw (at most "
+        f"{MAX_DRAWABLE_NODES:,} nodes and {MAX_DRAWABLE_LINKS:,} links). Prune harder: lower the "
+        "node threshold (fewer nodes carry less of the influence) or the edge threshold."
+    )
+
+
+def short_label(text: str, room: float) -> str:
+    """`text` cut to about `room` units of x space (an ellipsis marks the cut)."""
+    limit = max(MIN_LABEL, int(room * CHARS_PER_UNIT))
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def drawn_labels(document: dict, positions: list[dict]) -> list[dict]:
+    """Feature labels to write beside their nodes where there is room: the strongest feature of
+    each (row, position) cell, its label cut to the room its column leaves (a cell's only node
+    gets the column's width, a crowded cell's first node a share of it), the most influential
+    MAX_DRAWN_LABELS of them. Rows: node_id, x, y, text (the cut label), label (in full)."""
+    widths = [width for _, width in columns(document)]
+    cells: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for p in positions:
+        if p["kind"] == "feature" and p["label"]:
+            cells[(p["row"], p["ctx_idx"])].append(p)
+    crowd = Counter((p["row"], p["ctx_idx"]) for p in positions if p["kind"] != "logit")
+    labelled = []
+    for (row, pos), nodes in cells.items():
+        strongest = max(nodes, key=lambda p: p["size"])
+        count = crowd[(row, pos)]
+        room = widths[pos] if count == 1 else widths[pos] / min(count, PER_LINE)
+        if count > 1 and room * CHARS_PER_UNIT < MIN_LABEL:
+            continue  # no room beside a crowded cell's nodes
+        labelled.append(
+            {
+                "node_id": strongest["node_id"],
+                "x": strongest["x"],
+                "y": strongest["y"],
+                "size": strongest["size"],
+                "text": short_label(strongest["label"], room),
+                "label": strongest["label"],
+            }
+        )
+    labelled.sort(key=lambda p: -p["size"])
+    return labelled[:MAX_DRAWN_LABELS]
 
 
 def link_segments(document: dict, positions: list[dict]) -> list[dict]:

@@ -24,9 +24,11 @@ from dashboards.charts import histogram_chart
 from dashboards.documents import prune_document
 from dashboards.features import histogram_rows, logit_rows, page_html, with_labels
 from tracer.experiments.compare import ProfileRun, load_profile_transcoders, match_features
+from tracer.experiments.subgraphs import Subgraph, subgraph_scores
 from tracer.features.labels import Labels, set_label
 from tracer.features.storage import INDEX_FILE, PagesError
 from tracer.graph.graph import Graph
+from tracer.graph.viewer import node_ids
 
 
 def outputs_root() -> Path:
@@ -120,6 +122,29 @@ def _repruned(
     return prune_document(
         _graph(path, stamp), node_threshold, edge_threshold, list(tokens), slug=slug
     )
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _subgraph_scores(path: str, stamp: tuple[int, int], pinned: tuple[str, ...]) -> dict:
+    graph = _graph(path, stamp)
+    scores = subgraph_scores(graph, Subgraph(pinned=pinned))
+    return {"replacement": scores.replacement, "completeness": scores.completeness}
+
+
+def subgraph_node_scores(path: Path, pinned: tuple[str, ...]) -> dict:
+    """{replacement, completeness} of the full graph at `path` kept to the pinned node ids
+    (tokens and logits always kept, everything else counted as error); cached."""
+    return _subgraph_scores(str(path), _stamp(path), tuple(pinned))
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _node_ids(path: str, stamp: tuple[int, int]) -> frozenset[str]:
+    return frozenset(node_ids(_graph(path, stamp)))
+
+
+def graph_node_ids(path: Path) -> frozenset[str]:
+    """Every node id of the full graph at `path` (cached)."""
+    return _node_ids(str(path), _stamp(path))
 
 
 def repruned(

@@ -4,7 +4,7 @@ picked feature's page and label."""
 import pandas as pd
 import streamlit as st
 
-from dashboards import widgets
+from dashboards import pins, widgets
 from dashboards.catalog import (
     MissingOutputs,
     curve_image_path,
@@ -15,7 +15,7 @@ from dashboards.catalog import (
 from dashboards.charts import NODE_SELECTION, curve_chart, graph_chart
 from dashboards.documents import node_table, prompt_tokens, strongest_links
 from dashboards.features import feature_key
-from dashboards.layout import drawable
+from dashboards.layout import drawable, too_big
 
 NODE_KEY, CHART_KEY, LAST_CLICK_KEY = "graph_node", "graph_chart", "graph_last_click"
 LINK_COLUMNS = ["node_id", "description", "label", "weight"]
@@ -105,12 +105,20 @@ for column, count, key, label in (
 # Labels as the pages and the labels file say now (edits show without re-running the pipeline).
 document, labelling = widgets.labelled(root, profile, document)
 
-# A click on a node picks it (once per click, so the picker below can still change it).
+# A click on a node picks it (once per click, so the picker below can still change it), and
+# pins or unpins it while "Click pins nodes" is on.
+pin_on_click = st.toggle(
+    "Click pins nodes",
+    key="graph_pin_on_click",
+    help="On: a click on a node in the drawing also pins it (or unpins a pinned one).",
+)
 clicked = (st.session_state.get(CHART_KEY) or {}).get("selection", {}).get(NODE_SELECTION) or []
 clicked_id = clicked[0].get("node_id") if clicked else None
 if clicked_id and clicked_id != st.session_state.get(LAST_CLICK_KEY):
     st.session_state[LAST_CLICK_KEY] = clicked_id
     st.session_state[NODE_KEY] = clicked_id
+    if pin_on_click:
+        pins.toggle(profile_name, prompt, clicked_id)
 
 nodes = node_table(document)
 ids = [row["node_id"] for row in nodes]
@@ -119,22 +127,29 @@ if st.session_state.get(NODE_KEY) not in ids:
     st.session_state[NODE_KEY] = (features or ids)[0]  # the most influential feature
 selected = st.session_state[NODE_KEY]
 
-too_many = drawable(document)[1]
-if too_many:
-    st.warning(too_many, icon=":material/warning:")
-st.altair_chart(
-    graph_chart(document, selected=selected),
-    width="stretch",
-    key=CHART_KEY,
-    on_select="rerun",
-    selection_mode=NODE_SELECTION,
-)
-st.caption(
-    "x: prompt position; y: embeddings, transcoder layers, logits. Node size: influence on the "
-    "logits (logits: probability). Links: direct effects, blue positive, red negative, width by "
-    "|weight|. Hover a node for its label; click it (or pick it below) to see its strongest links "
-    "and, for a feature, its feature page."
-)
+cannot_draw = too_big(document)
+if cannot_draw:
+    st.warning(cannot_draw, icon=":material/warning:")
+else:
+    too_many = drawable(document)[1]
+    if too_many:
+        st.warning(too_many, icon=":material/warning:")
+    st.altair_chart(
+        graph_chart(
+            document, selected=selected, pinned=pins.groups(pins.current(profile_name, prompt))
+        ),
+        width="stretch",
+        key=CHART_KEY,
+        on_select="rerun",
+        selection_mode=NODE_SELECTION,
+    )
+    st.caption(
+        "x: prompt position; y: embeddings, transcoder layers, logits. Node size: influence on "
+        "the logits (logits: probability). Links: direct effects, blue positive, red negative, "
+        "width by |weight|. Feature labels are written under the nodes where there is room; hover "
+        "a node for its full label; click it (or pick it below) to see its strongest links and, "
+        "for a feature, its feature page. Rings: pinned nodes, coloured by supernode."
+    )
 
 names = {
     row["node_id"]: row["description"] + (f" · {row['label']}" if row["kind"] == "feature" else "")
@@ -147,6 +162,12 @@ picked = st.selectbox(
     format_func=lambda node_id: f"{names[node_id]}  ({node_id})",
 )
 details = next(row for row in nodes if row["node_id"] == picked)
+is_pinned = picked in pins.current(profile_name, prompt).pinned
+if details["kind"] != "logit" and st.button(
+    "Unpin this node" if is_pinned else "Pin this node", key="graph_pin_picked"
+):
+    pins.toggle(profile_name, prompt, picked)
+    st.rerun()
 incoming, outgoing = strongest_links(document, picked)
 left, middle, right = st.columns([3, 4, 4])
 with left:
@@ -161,6 +182,9 @@ with right:
 
 with st.expander("All nodes of the pruned graph"):
     st.dataframe(pd.DataFrame(nodes), hide_index=True, width="stretch")
+
+pinnable = {row["node_id"]: names[row["node_id"]] for row in nodes if row["kind"] != "logit"}
+pins.editor(root, profile_name, prompt, pinnable, full_graph, pruned)
 
 st.subheader("Feature page")
 picked_key = feature_key(next(n for n in document["nodes"] if n["node_id"] == picked))

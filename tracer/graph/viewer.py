@@ -63,6 +63,24 @@ def logit_vocab_index(graph: Graph, k: int) -> int:
     return int(vocab_size) + k
 
 
+def node_ids(graph: Graph) -> list[str]:
+    """The viewer `node_id` of every node of the full graph, in node order (see the table above)."""
+    layout = graph.layout
+    ids = [f"{layer}_{feature}_{pos}" for layer, pos, feature in _selected(graph)]
+    ids += [f"{layer}_-1_{pos}" for layer in range(graph.n_layers) for pos in range(graph.n_pos)]
+    ids += [f"E_{int(token)}_{pos}" for pos, token in enumerate(graph.input_tokens.tolist())]
+    ids += [
+        f"{graph.n_layers + 1}_{logit_vocab_index(graph, k)}_{graph.n_pos - 1}"
+        for k in range(layout.n_logits)
+    ]
+    return ids
+
+
+def _selected(graph: Graph) -> list[list[int]]:
+    """(layer, pos, feature) of each feature node."""
+    return graph.active_features[graph.selected_features].tolist()
+
+
 def viewer_nodes(
     graph: Graph,
     result: PruneResult,
@@ -72,7 +90,7 @@ def viewer_nodes(
     """The document's nodes; `labels(layer, feature)` gives feature nodes their `clerp`."""
     layout, n_layers = graph.layout, graph.n_layers
     influence = result.node_influence.tolist()
-    selected = graph.active_features[graph.selected_features].tolist()
+    selected, ids = _selected(graph), node_ids(graph)
     activations = graph.activation_values[graph.selected_features].tolist()
     kept = result.node_mask.nonzero(as_tuple=True)[0].tolist()
     nodes = []
@@ -82,7 +100,7 @@ def viewer_nodes(
         if index < layout.n_features:
             layer, pos, feature = selected[index]
             node |= {
-                "node_id": f"{layer}_{feature}_{pos}",
+                "node_id": ids[index],
                 "jsNodeId": f"{layer}_{feature}-0",
                 "feature": cantor_pairing(layer, feature),
                 "layer": str(layer),
@@ -94,7 +112,7 @@ def viewer_nodes(
         elif index < layout.n_features + layout.n_errors:
             layer, pos = divmod(index - layout.n_features, graph.n_pos)
             node |= {
-                "node_id": f"{layer}_-1_{pos}",
+                "node_id": ids[index],
                 "jsNodeId": f"{layer}_-1-{pos}",
                 "feature": -1,
                 "layer": str(layer),
@@ -106,7 +124,7 @@ def viewer_nodes(
             pos = index - layout.n_features - layout.n_errors
             token = int(graph.input_tokens[pos])
             node |= {
-                "node_id": f"E_{token}_{pos}",
+                "node_id": ids[index],
                 "jsNodeId": f"E_{token}-{pos}",
                 "feature": pos,
                 "layer": "E",
@@ -119,7 +137,7 @@ def viewer_nodes(
             target = graph.logit_targets[k]
             pos, vocab_index = graph.n_pos - 1, logit_vocab_index(graph, k)
             node |= {
-                "node_id": f"{n_layers + 1}_{vocab_index}_{pos}",
+                "node_id": ids[index],
                 "jsNodeId": f"L_{vocab_index}-{pos}",
                 "feature": vocab_index,
                 "layer": str(n_layers + 1),
