@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint ui
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,14 @@ run: $(STAMP)
 		--prompt "the capital of the state containing tampa is" --out outputs/demo.safetensors --quiet
 	$(VENV)/bin/tracer prune outputs/demo.safetensors --json outputs/demo.json
 	$(VENV)/bin/tracer score outputs/demo.safetensors
+
+# The MLflow UI on the track stage's store (runs' artifacts are in mlartifacts/ beside it), on
+# loopback only; the explorer's Runs page links to it. `make ui UI_PORT=5001` for another port.
+UI_PORT ?= 5000
+ui: $(STAMP)
+	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(UI_PORT) \
+		--workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,9 @@
 """The tracer explorer: `streamlit run dashboards/app.py [-- --outputs PATH]`.
 
 Reads the pipeline's output folder (`--outputs`, else $TRACER_OUTPUTS, else `outputs/`) and shows
-one pruned graph, two side by side, or the cross-profile tables.
+one pruned graph (with the subgraph being pinned), two side by side, the cross-profile tables,
+interventions on a graph's nodes, and the runs tracked in MLflow (any of which opens in the
+Graph and Compare pages).
 """
 
 import sys
@@ -14,7 +16,7 @@ if str(REPO) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboards.widgets import outputs_root  # noqa: E402
+from dashboards.widgets import opened_run_ids, outputs_root  # noqa: E402
 
 # not `pages/`: Streamlit would route that folder itself before `st.navigation` runs
 PAGES = Path(__file__).resolve().parent / "views"
@@ -25,7 +27,16 @@ page = st.navigation(
         st.Page(PAGES / "graph.py", title="Graph", icon=":material/hub:", default=True),
         st.Page(PAGES / "compare.py", title="Compare", icon=":material/compare:"),
         st.Page(PAGES / "tables.py", title="Tables", icon=":material/table_chart:"),
+        st.Page(PAGES / "interventions.py", title="Interventions", icon=":material/science:"),
+        st.Page(PAGES / "runs.py", title="Runs", icon=":material/history:"),
     ]
 )
-st.sidebar.caption(f"Outputs folder: `{outputs_root().resolve()}`")
+opened = opened_run_ids()
+if opened:
+    st.sidebar.caption(
+        f"MLflow run(s) `{'`, `'.join(opened)}` (opened from the Runs page); the pages show "
+        "their logged files."
+    )
+else:
+    st.sidebar.caption(f"Outputs folder: `{outputs_root().resolve()}`")
 page.run()

@@ -94,6 +94,10 @@ def editor(
     return current(profile, prompt)
 
 
+def _named(names: dict[str, str], node_id: str) -> str:
+    return f"{names[node_id]}  ({node_id})" if node_id in names else node_id
+
+
 def _pin_picker(profile: str, prompt: str, subgraph: Subgraph, names: dict[str, str]) -> None:
     key = f"pinned_{profile}_{prompt}"
     st.session_state[key] = list(subgraph.pinned)
@@ -110,7 +114,7 @@ def _pin_picker(profile: str, prompt: str, subgraph: Subgraph, names: dict[str, 
         options,
         key=key,
         on_change=changed,
-        format_func=lambda node_id: names.get(node_id, node_id),
+        format_func=lambda node_id: _named(names, node_id),
         help="Pin nodes here, with the button under the node picker, or by clicking them in "
         "the drawing while 'Click pins nodes' is on.",
     )
@@ -123,7 +127,7 @@ def _supernodes(profile: str, prompt: str, subgraph: Subgraph, names: dict[str, 
         members = right.multiselect(
             "members (pinned nodes)",
             list(subgraph.pinned),
-            format_func=lambda node_id: names.get(node_id, node_id),
+            format_func=lambda node_id: _named(names, node_id),
         )
         grouped = st.form_submit_button("Group as supernode")
     if grouped:
@@ -168,7 +172,10 @@ def _files(
             st.caption(f"No saved subgraphs in `{folder}` yet.")
             return
         picked = st.selectbox(
-            "saved subgraphs", files, format_func=lambda path: path.stem, key=f"saved_{profile}_{prompt}"
+            "saved subgraphs",
+            files,
+            format_func=lambda path: path.stem,
+            key=f"saved_{profile}_{prompt}",
         )
         if st.button("Load subgraph", key=f"load_{profile}_{prompt}"):
             known = graph_node_ids(full_graph) if full_graph is not None else set(names)

@@ -18,7 +18,7 @@ import pandas as pd
 import streamlit as st
 from safetensors import SafetensorError
 
-from dashboards import catalog
+from dashboards import catalog, runs
 from dashboards.catalog import MissingOutputs, Outputs, PageSet, Profile
 from dashboards.charts import histogram_chart
 from dashboards.documents import prune_document
@@ -32,8 +32,25 @@ from tracer.graph.viewer import node_ids
 
 
 def outputs_root() -> Path:
-    """`--outputs PATH` after `--` on the command line, else $TRACER_OUTPUTS, else `outputs`."""
-    return catalog.resolve_outputs(sys.argv[1:], os.environ)
+    """`--outputs PATH` after `--` on the command line, else $TRACER_OUTPUTS, else `outputs`; or,
+    when the page's URL carries `runs=ID[,ID]`, those MLflow runs opened as an outputs folder
+    (`dashboards.runs.open_runs`; the page ends with a message when they cannot be opened)."""
+    root = catalog.resolve_outputs(sys.argv[1:], os.environ)
+    run_ids = opened_run_ids()
+    if not run_ids:
+        return root
+    project = catalog.project_folder(root)
+    uri = runs.store_uri(sys.argv[1:], os.environ, project)
+    try:
+        with st.spinner("Downloading the runs' files from MLflow ..."):
+            return runs.open_runs(uri, run_ids, runs.run_cache_folder(project))
+    except MissingOutputs as err:
+        stop_with(str(err))
+
+
+def opened_run_ids() -> list[str]:
+    """The MLflow run ids the page's URL opens (`?runs=ID,ID`); [] for the outputs folder."""
+    return [r for r in st.query_params.get("runs", "").split(",") if r.strip()]
 
 
 def label_editing() -> bool:
@@ -110,6 +127,11 @@ def _graph(path: str, stamp: tuple[int, int]) -> Graph:
     return Graph.load(path)
 
 
+def full_graph(path: Path) -> Graph:
+    """The full graph at `path`, loaded once and shared by the sessions (at most two kept)."""
+    return _graph(str(path), _stamp(path))
+
+
 @st.cache_data(max_entries=16, show_spinner="Pruning ...")
 def _repruned(
     path: str,
@@ -181,6 +203,20 @@ def pick_graph(
         st.session_state[prompt_key] = default_prompt if default_prompt in prompts else prompts[0]
     prompt = st.selectbox(f"{label}prompt", prompts, key=prompt_key)
     return name, prompt
+
+
+def pick_page_graph(outputs: Outputs) -> tuple[str, str]:
+    """The sidebar's profile and prompt of the Graph and Interventions pages (one pick for both,
+    kept in the page's URL); returns (profile, prompt)."""
+    with st.sidebar:
+        profile, prompt = pick_graph(
+            outputs,
+            "graph",
+            default_profile=st.query_params.get("profile"),
+            default_prompt=st.query_params.get("prompt"),
+        )
+    st.query_params.update(profile=profile, prompt=prompt)
+    return profile, prompt
 
 
 def read_or_stop(read, *args):

@@ -1,6 +1,8 @@
 """DVC stage track: log the pipeline's graphs, scores and plots to MLflow (new results only).
 
 The store is `MLFLOW_TRACKING_URI` if set, else `mlflow.db` (sqlite) at the repository root.
+Subgraphs saved from the explorer (`subgraphs/PROFILE/PROMPT/*.json` beside the outputs folder)
+go with their result's run, also one logged before, when they are new or changed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from tracer.atomic import write_json
 from tracer.experiments import outputs
 from tracer.experiments.pages import find_pages
 from tracer.experiments.params import load_params
+from tracer.experiments.subgraphs import subgraph_files
 from tracer.experiments.tracking import ensure_store, git_tags, log_pipeline, tracking_uri
 from tracer.features.storage import SUMMARY_FILE
 
@@ -28,6 +31,18 @@ def feature_files(root: Path) -> dict[str, list[Path]]:
         if folder is not None:
             candidates = [folder / SUMMARY_FILE, REPO_ROOT / outputs.labels_path(folder.name)]
             found[profile.name] = [path for path in candidates if path.is_file()]
+    return found
+
+
+def saved_subgraphs(root: Path) -> dict[str, list[Path]]:
+    """Per result `profile/prompt`: the subgraph files saved for it beside the outputs folder."""
+    project = Path(root).resolve().parent
+    found = {}
+    for profile in outputs.profile_folders(root):
+        for prompt in profile.prompts:
+            files = subgraph_files(project, profile.name, prompt)
+            if files:
+                found[f"{profile.name}/{prompt}"] = files
     return found
 
 
@@ -52,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         tags=git_tags(REPO_ROOT),
         dvc_lock=REPO_ROOT / "dvc.lock",
         feature_files=feature_files(args.root),
+        subgraph_files=saved_subgraphs(args.root),
     )
     print(json.dumps(summary, indent=2))
     if args.summary is not None:

@@ -8,6 +8,7 @@ Chromium is Debian's `chromium`; when it is missing, scripts/install_chromium.sh
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -79,20 +81,18 @@ def root(tmp_path_factory) -> Path:
     return built_outputs(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def server(root: Path, tmp_path_factory):
-    """The app served on a free loopback port, reading `root` (`-- --outputs`); always stopped."""
+@contextlib.contextmanager
+def serve(outputs: Path, log: Path, env: dict[str, str]) -> Iterator[str]:
+    """`streamlit run dashboards/app.py -- --outputs OUTPUTS` on a free loopback port with `env`;
+    yields its base URL, always stops it."""
     port = free_port()
-    log = tmp_path_factory.mktemp("streamlit") / "server.log"
     command = [
         sys.executable, "-m", "streamlit", "run", str(REPO / "dashboards" / "app.py"),
         "--server.address", "127.0.0.1", "--server.port", str(port),
         "--server.headless", "true", "--server.fileWatcherType", "none",
         "--browser.gatherUsageStats", "false",
-        "--", "--outputs", str(root),
+        "--", "--outputs", str(outputs),
     ]  # fmt: skip
-    env = dict(os.environ)
-    env.pop(catalog.ENV_OUTPUTS, None)  # the argument alone must point the app at `root`
     with log.open("w") as handle:
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
@@ -104,6 +104,15 @@ def server(root: Path, tmp_path_factory):
         yield base
     finally:
         stop_process(process)
+
+
+@pytest.fixture(scope="module")
+def server(root: Path, tmp_path_factory):
+    """The app reading `root` (`-- --outputs`); always stopped."""
+    env = dict(os.environ)
+    env.pop(catalog.ENV_OUTPUTS, None)  # the argument alone must point the app at `root`
+    with serve(root, tmp_path_factory.mktemp("streamlit") / "server.log", env) as base:
+        yield base
 
 
 class Browser:

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -23,6 +24,7 @@ from tracer.atomic import write_json
 from tracer.attribution.attribute import attribute
 from tracer.experiments import outputs as paths
 from tracer.experiments.compare import write_tables
+from tracer.experiments.fetch import folder_sha256
 from tracer.experiments.report import prompt_report
 from tracer.features.labels import set_label
 from tracer.features.pages import PageSettings, collect_pages, examples_from_texts
@@ -30,7 +32,7 @@ from tracer.features.storage import FeaturePages, save_pages
 from tracer.graph.graph import Graph
 from tracer.graph.summary import prune_graph
 from tracer.interventions.validation import validate_graph
-from tracer.model.replacement import ReplacementModel
+from tracer.model.replacement import ReplacementModel, load_model
 from tracer.testing import FIXTURE_WORDS, build_model, build_tokenizer, build_transcoders
 from tracer.transcoders.files import save_transcoders
 
@@ -38,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 N_LAYERS, D_MODEL = 3, 32
 MODEL = "tiny/gpt2"
+MODEL_FOLDER = "models/tiny-gpt2"  # beside the outputs folder, as fetch@PROFILE records it
 PROFILES = {"tiny-clt": "clt", "tiny-plt": "plt-jumprelu"}
 VALIDATED = "tiny-clt"  # the other profile has no validate-stage output
 DISABLED = "tiny-hub"
@@ -62,13 +65,16 @@ _BUILT: dict[str, Path] = {}
 
 
 def build_outputs(root: Path) -> Path:
-    """Write, in `tracer.experiments.outputs`' layout, what the attribute, prune, validate and compare stages
-    write: graphs, pruned documents, scores, one curve image, validation for one profile."""
+    """Write, in `tracer.experiments.outputs`' layout, what the fetch, attribute, prune, validate and
+    compare stages write: fetch records (the tiny model saved beside the outputs folder), graphs,
+    pruned documents, scores, one curve image, validation for one profile."""
     tokenizer = build_tokenizer()
     model = build_model("gpt2", n_layers=N_LAYERS, d_model=D_MODEL, vocab=len(tokenizer))
+    model_folder = save_model(model, tokenizer, catalog.project_folder(root) / MODEL_FOLDER)
     for name, kind in PROFILES.items():
         transcoders = build_transcoders(kind, n_layers=N_LAYERS, d_model=D_MODEL, seed=3)
         sets = save_transcoders(transcoders, root / "sets" / kind, overwrite=True)
+        write_fetched(root, name, model_folder, sets)
         replacement = ReplacementModel(model, transcoders, tokenizer=tokenizer, model_id=MODEL)
         info = {"name": name, "model": MODEL, "transcoders": str(sets), "revision": None}
         info |= {"transcoder_revision": None, "dtype": "float32", "enabled": True}
@@ -101,6 +107,33 @@ def build_outputs(root: Path) -> Path:
     pages = FeaturePages(paths.features_dir(root, VALIDATED))
     set_label(catalog.labels_folder(root) / f"{VALIDATED}.tsv", pages, layer, feature, HUMAN_LABEL)
     return root
+
+
+def save_model(model, tokenizer, folder: Path) -> Path:
+    """The tiny model and tokenizer as a local model folder, checked to load back the same."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    loaded = load_model(str(folder))
+    ids = torch.tensor([[0, 5, 9, 17, 3]])
+    with torch.no_grad():
+        if not torch.equal(loaded(ids).logits, model(ids).logits):
+            raise AssertionError(f"{folder}: the saved model gives other logits")
+    return folder
+
+
+def write_fetched(root: Path, name: str, model_folder: Path, sets: Path) -> None:
+    """What fetch@NAME records for local folders: the model by its path relative to the folder
+    holding the outputs (as params.yaml names `zoo/models/...`), the set by its absolute path."""
+    relative = model_folder.relative_to(catalog.project_folder(root)).as_posix()
+    record = {
+        "dtype": "float32",
+        "enabled": True,
+        "model": {"path": relative, "source": relative, "revision": None},
+        "transcoders": {"path": str(sets), "source": str(sets), "revision": None},
+    }
+    record["model"]["sha256"] = folder_sha256(model_folder)
+    record["transcoders"]["sha256"] = folder_sha256(sets)
+    write_json(paths.fetched_dir(root, name) / paths.FETCHED_FILE, record)
 
 
 def write_pages(root: Path, name: str, model: ReplacementModel, tokenizer, info: dict) -> None:

@@ -651,3 +651,115 @@ def test_a_clone_pulled_from_a_remote_runs_nothing(built: Built, tmp_path: Path)
     assert run(team, "git", "status", "--porcelain", "--untracked-files=all") == ""
     # .gitignore let exactly the `cache: false` outputs through
     assert set(run(origin, "git", "ls-files", "outputs").splitlines()) == uncached_files(origin)
+
+
+# ---- 6. the explorer's subgraphs and Runs page -------------------------------------------------
+def test_a_saved_subgraph_joins_its_results_existing_run(built: Built, tmp_path: Path) -> None:
+    clone = copy_of(built, tmp_path)
+    uri = sqlite_uri(clone)
+    _, before = store_runs(uri)
+    prompt = read_params(clone)["prompts"][0]["id"]
+    document = json.loads((clone / f"outputs/profiles/{PROFILE}/{prompt}/pruned.json").read_text())
+    ids = [n["node_id"] for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    saved = clone / "subgraphs" / PROFILE / prompt / "x.json"
+    saved.parent.mkdir(parents=True)
+    subgraph = {"pinnedIds": ids[:3], "supernodes": [["pair", *ids[:2]]]}
+    saved.write_text(
+        json.dumps({"name": "x", "profile": PROFILE, "prompt": prompt} | {"qParams": subgraph})
+    )
+    code, output = repro(clone)
+    assert code == 0, output
+    assert RUNNING.findall(output) == ["track"]
+    _, after = store_runs(uri)
+    assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in before)
+    client = MlflowClient(tracking_uri=uri)
+    for logged in after:
+        found = {a.path for a in client.list_artifacts(logged.info.run_id, "subgraphs")}
+        assert found == (
+            {"subgraphs/x.json"} if logged.data.params["prompt_id"] == prompt else set()
+        )
+    (run_id,) = [r.info.run_id for r in after if r.data.params["prompt_id"] == prompt]
+    copy = client.download_artifacts(run_id, "subgraphs/x.json", str(tmp_path))
+    assert Path(copy).read_bytes() == saved.read_bytes()
+
+
+def test_runs_page_lists_the_logged_runs_and_opens_one(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamlit.testing.v1 import AppTest
+    from test_dashboard_runs import runs_table
+
+    from dashboards.runs import SCORE_COLUMNS, open_runs, opened_profile
+
+    clone, uri = built.clone, sqlite_uri(built.clone)
+    monkeypatch.setenv("TRACER_OUTPUTS", str(clone / "outputs"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("TRACER_RUNS_CACHE", str(tmp_path / "cache"))
+    app = AppTest.from_file(str(REPO / "dashboards" / "app.py"), default_timeout=120).run()
+    app.switch_page("views/runs.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    table = runs_table(app)
+    _, nested = store_runs(uri)
+    assert sorted(table["run_id"]) == sorted(r.info.run_id for r in nested)
+    assert len(table) == N_PROMPTS
+    for row in table.itertuples():
+        (logged,) = [r for r in nested if r.info.run_id == row.run_id]
+        scores = json.loads(
+            (clone / f"outputs/profiles/{row.profile}/{row.prompt}/scores.json").read_text()
+        )
+        shown = {c: getattr(row, c) for c in SCORE_COLUMNS}
+        assert shown == {c: logged.data.metrics[c] for c in SCORE_COLUMNS}
+        assert shown == {c: scores[c] for c in SCORE_COLUMNS}
+        assert (row.profile, row.git_commit) == (PROFILE, built.head)
+
+    logged = nested[0]
+    folder = open_runs(uri, [logged.info.run_id], tmp_path / "cache")
+    prompt = logged.data.params["prompt_id"]
+    opened = folder / "profiles" / opened_profile(PROFILE, logged.info.run_id) / prompt
+    original = clone / "outputs" / "profiles" / PROFILE / prompt
+    assert (opened / "pruned.json").read_bytes() == (original / "pruned.json").read_bytes()
+
+
+def test_pinning_and_ablating_on_the_pipelines_outputs(
+    built: Built, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Graph and Interventions pages on what `dvc repro` wrote: the subgraph of two pinned
+    features scores as `Graph.scores` on those nodes, and ablating them on the profile's fetched
+    zoo model in direct mode changes each graph logit by the graph's direct prediction."""
+    from streamlit.testing.v1 import AppTest
+    from test_subgraphs import independent_scores, index_of
+
+    clone = built.clone
+    prompt = read_params(clone)["prompts"][0]["id"]
+    monkeypatch.setenv("TRACER_OUTPUTS", str(clone / "outputs"))
+    app = AppTest.from_file(str(REPO / "dashboards" / "app.py"), default_timeout=300).run()
+    app.query_params.update(profile=PROFILE, prompt=prompt)
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert app.title[0].value == f"{PROFILE} / {prompt}"
+    document = json.loads((clone / f"outputs/profiles/{PROFILE}/{prompt}/pruned.json").read_text())
+    features = [n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    two = [n["node_id"] for n in sorted(features, key=lambda n: -n["influence"])[:2]]
+    (picker,) = [w for w in app.multiselect if w.label == "pinned nodes"]
+    picker.set_value(two).run()
+    assert not app.exception, [e.value for e in app.exception]
+    graph = Graph.load(clone / "outputs" / "graphs" / PROFILE / f"{prompt}.safetensors")
+    expected = independent_scores(graph, [index_of(graph, n) for n in two])
+    shown = {m.label: m.value for m in app.metric}
+    assert float(shown["replacement (subgraph)"]) == pytest.approx(expected.replacement, abs=6e-5)
+    assert float(shown["completeness (subgraph)"]) == pytest.approx(expected.completeness, abs=6e-5)
+
+    app.switch_page("views/interventions.py").run()
+    (mode,) = [w for w in app.selectbox if w.label == "mode"]
+    mode.set_value("direct")
+    (button,) = [b for b in app.button if b.label == "Run intervention"]
+    button.click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.error, [e.value for e in app.error]
+    (logits,) = [d.value for d in app.dataframe if "predicted_direct" in d.value.columns]
+    assert len(logits) == len(graph.logit_targets)
+    scale = float(logits["measured"].abs().max())
+    assert scale > 0  # the ablation moved the logits
+    assert logits["measured"].tolist() == pytest.approx(
+        logits["predicted_direct"].tolist(), abs=1e-4 * scale
+    )

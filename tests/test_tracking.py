@@ -12,6 +12,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -485,3 +486,122 @@ def test_logs_to_a_real_server(pipeline_root: Path, tmp_path: Path, mlflow_serve
         assert file_sha256(downloaded) == file_sha256(graph_file)
     assert any((tmp_path / "artifacts").rglob("*.safetensors"))  # proxied to the server
     assert log_pipeline(root, uri=mlflow_server)["logged"] == []
+
+
+# ---- the MLflow UI: experiment kind, run names, the parent's description -----------------------
+def test_experiment_is_of_the_model_training_kind_new_or_existing(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ensure_store(uri, "fresh")
+    client = mlflow_client(uri)
+    assert client.get_experiment_by_name("fresh").tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+    old_id = client.create_experiment("older")  # made before the tag existed
+    assert "mlflow.experimentKind" not in client.get_experiment(old_id).tags
+    assert ensure_store(uri, "older") == old_id
+    assert client.get_experiment(old_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+
+
+def test_parent_run_describes_the_results_it_logged(pipeline_root: Path, tmp_path: Path):
+    root = copy_root(pipeline_root, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    tags = {"mlflow.source.git.commit": commit, "mlflow.source.git.dirty": "true"}
+    summary = log_pipeline(root, uri=uri, tags=tags)
+    client = mlflow_client(uri)
+    note = client.get_run(summary["parent_run_id"]).data.tags["mlflow.note.content"]
+    assert commit[:12] in note and "uncommitted changes" in note
+    assert f"{THRESHOLDS[0]} / {THRESHOLDS[1]}" in note
+    for profile in PROFILES:
+        info = json.loads((root / "profiles" / profile / "profile.json").read_text())
+        row = next(line for line in note.splitlines() if line.startswith(f"| {profile} |"))
+        assert f"`{info['model']}`" in row and f"`{info['transcoders']}@v1`" in row
+        assert all(prompt in row for prompt in PROMPTS)
+    for entry in summary["logged"]:  # the UI lists nested runs by name
+        run = client.get_run(entry["run_id"])
+        profile, prompt = entry["name"].split("/")
+        assert run.info.run_name == f"{profile}/{prompt}"
+        assert run.data.tags["tracer.prompt_text"] == PROMPTS[prompt]
+
+
+# ---- subgraphs saved from the explorer ---------------------------------------------------------
+def test_saved_subgraphs_join_their_results_run(
+    pipeline_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from tracer.experiments.subgraphs import Subgraph, save_subgraph, subgraph_files
+
+    root = copy_root(pipeline_root, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uploads: list[tuple[str, str]] = []
+    log_artifact = tracking.MlflowClient.log_artifact
+
+    def counted(self, run_id, local_path, artifact_path=None):
+        if artifact_path == "subgraphs":
+            uploads.append((run_id, Path(local_path).name))
+        return log_artifact(self, run_id, local_path, artifact_path)
+
+    monkeypatch.setattr(tracking.MlflowClient, "log_artifact", counted)
+
+    def node_ids(profile: str, prompt: str) -> list[str]:
+        document = json.loads((root / "profiles" / profile / prompt / "pruned.json").read_text())
+        return [node["node_id"] for node in document["nodes"]]
+
+    def saved() -> dict[str, list[Path]]:
+        return {
+            f"{p}/{q}": files
+            for p in PROFILES
+            for q in PROMPTS
+            if (files := subgraph_files(tmp_path, p, q))
+        }
+
+    def logged_file(run_id: str, name: str) -> bytes:
+        folder = tempfile.mkdtemp(dir=tmp_path)
+        return Path(
+            client.download_artifacts(run_id, f"subgraphs/{name}", str(folder))
+        ).read_bytes()
+
+    # a new result logs the subgraphs saved before it
+    short = save_subgraph(
+        tmp_path, "tiny-plt", "short", Subgraph("path", tuple(node_ids("tiny-plt", "short")[:2]))
+    )
+    first = log_pipeline(root, uri=uri, subgraph_files=saved())
+    client = mlflow_client(uri)
+    run_ids = {e["name"]: e["run_id"] for e in first["logged"]}
+    assert first["subgraphs"] == [{"name": "tiny-plt/short", "run_id": run_ids["tiny-plt/short"]}]
+    assert logged_file(run_ids["tiny-plt/short"], "path.json") == short.read_bytes()
+
+    # one saved after its result was logged: the same run, no new run
+    ids = node_ids("tiny-clt", "capital")
+    circuit = Subgraph("circuit", tuple(ids[:3]), (("pair", tuple(ids[:2])),))
+    path = save_subgraph(tmp_path, "tiny-clt", "capital", circuit)
+    uploads.clear()
+    second = log_pipeline(root, uri=uri, subgraph_files=saved())
+    capital = run_ids["tiny-clt/capital"]
+    assert second["parent_run_id"] is None and second["logged"] == []
+    assert second["subgraphs"] == [{"name": "tiny-clt/capital", "run_id": capital}]
+    assert uploads == [(capital, "circuit.json")]
+    assert len(all_runs(client)) == 5
+    assert {a.path for a in client.list_artifacts(capital, "subgraphs")} == {
+        "subgraphs/circuit.json"
+    }
+    assert logged_file(capital, "circuit.json") == path.read_bytes()
+    assert client.get_run(capital).info.status == "FINISHED"
+
+    # unchanged files are not uploaded again
+    uploads.clear()
+    assert log_pipeline(root, uri=uri, subgraph_files=saved())["subgraphs"] == []
+    assert uploads == []
+
+    # a changed file replaces the logged one
+    save_subgraph(tmp_path, "tiny-clt", "capital", circuit.ungroup("pair"))
+    third = log_pipeline(root, uri=uri, subgraph_files=saved())
+    assert [e["run_id"] for e in third["subgraphs"]] == [capital]
+    assert json.loads(logged_file(capital, "circuit.json"))["qParams"]["supernodes"] == []
+    assert len(all_runs(client)) == 5
+
+    # the track stage finds them beside the outputs folder
+    track = runpy.run_path(str(PIPELINES / "track.py"))
+    assert track["saved_subgraphs"](root) == saved()
+    assert set(saved()) == {"tiny-plt/short", "tiny-clt/capital"}

@@ -16,20 +16,26 @@ FEATURE_KEY = "compare_feature"
 outputs = widgets.load_outputs()
 root = outputs.root
 first, second = default_pair(outputs)
+# the Runs page opens two runs here with ?a=PROFILE&b=PROFILE&prompt_a=PROMPT&prompt_b=PROMPT
+asked = st.query_params
 
 st.title("Compare two graphs")
 pick_a, pick_b = st.columns(2)
 with pick_a:
     profile_a, prompt_a = widgets.pick_graph(
-        outputs, "compare_a", label="A: ", default_profile=first
+        outputs,
+        "compare_a",
+        label="A: ",
+        default_profile=asked.get("a", first),
+        default_prompt=asked.get("prompt_a"),
     )
 with pick_b:
     profile_b, prompt_b = widgets.pick_graph(
         outputs,
         "compare_b",
         label="B: ",
-        default_profile=second,
-        default_prompt=prompt_a,
+        default_profile=asked.get("b", second),
+        default_prompt=asked.get("prompt_b", prompt_a),
     )
 with st.sidebar:
     widgets.show_skipped(outputs)

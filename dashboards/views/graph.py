@@ -22,14 +22,7 @@ LINK_COLUMNS = ["node_id", "description", "label", "weight"]
 
 outputs = widgets.load_outputs()
 root = outputs.root
-with st.sidebar:
-    profile_name, prompt = widgets.pick_graph(
-        outputs,
-        "graph",
-        default_profile=st.query_params.get("profile"),
-        default_prompt=st.query_params.get("prompt"),
-    )
-    st.query_params.update(profile=profile_name, prompt=prompt)
+profile_name, prompt = widgets.pick_page_graph(outputs)
 profile = outputs.profile(profile_name)
 pipeline_document = widgets.read_or_stop(widgets.document, root, profile_name, prompt)
 scores = widgets.read_or_stop(widgets.scores, root, profile_name, prompt)

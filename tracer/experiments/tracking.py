@@ -16,6 +16,16 @@ stage re-run with identical results) logs nothing. Runs are written with an expl
 `MlflowClient`, never the fluent API's global active run, so several callers in one process
 cannot step on each other.
 
+A result's saved subgraphs (`subgraphs/PROFILE/PROMPT/NAME.json` of the explorer) go under its
+run's artifact folder `subgraphs/`. Saving one does not change the graph, so it does not change the
+run key: the files are added to the result's existing finished run, and the tag tracer.subgraphs
+(a sha256 over their sorted names and bytes) says which versions it holds, so unchanged files are
+not logged again. A file removed from the folder stays in the run.
+
+The experiment carries the tag mlflow.experimentKind = custom_model_development, so MLflow 3's UI
+opens it in its model-training view, and each parent run a markdown description
+(mlflow.note.content) of what it logged.
+
 Names, fixed so MLflow's compare view lines runs up across profiles:
 - params: profile, model, revision, transcoders, transcoder_revision, dtype, family, prompt_id,
   node_threshold, edge_threshold, and every attribution setting of `graph.metadata["config"]`
@@ -25,14 +35,16 @@ Names, fixed so MLflow's compare view lines runs up across profiles:
   attribution_peak_growth_bytes (the growth of peak RSS during that prompt's attribution),
   validation_<mode>_spearman and validation_<mode>_median_relative_error, and the pruning curve
   as the series curve_<field> with step = the curve point's index.
-- tags: tracer.run_key, tracer.profile, tracer.prompt_id, tracer.version (the library version
-  that wrote the graph), mlflow.source.git.commit / mlflow.source.git.dirty (from `git_tags`),
+- tags: tracer.run_key, tracer.profile, tracer.prompt_id, tracer.prompt_text (the prompt,
+  for searching), tracer.version (the library version that wrote the graph), tracer.subgraphs,
+  mlflow.source.git.commit / mlflow.source.git.dirty (from `git_tags`),
   tracer.dvc.stages (the dvc.lock stages of this profile, comma-joined) and tracer.dvc.hash
   (sha256 over their sorted "stage path md5" lines for deps and outs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -57,12 +69,26 @@ from tracer.graph.graph import library_version
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY, MLFLOW_PARENT_RUN_ID  # noqa: E402
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH  # noqa: E402
+from mlflow.utils.mlflow_tags import (  # noqa: E402
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_GIT_DIRTY,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NOTE,
+)
+from mlflow.utils.validation import (  # noqa: E402
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
 
 RUN_KEY_TAG = "tracer.run_key"
+SUBGRAPHS_TAG = "tracer.subgraphs"
+SUBGRAPHS_ARTIFACTS = "subgraphs"  # the runs' artifact folder of saved subgraphs
+# MLflow 3's UI opens an experiment of this kind in its model-training runs view, not the GenAI one
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 CURVE_FIELDS = (
     "node_threshold",
     "edge_threshold",
@@ -90,21 +116,27 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def ensure_store(uri: str, experiment: str = "tracer") -> str:
-    """Create the store's schema and the experiment once; returns the experiment id.
+    """Create the store's schema and the experiment once (tagged with its kind, also when it
+    exists without); returns the experiment id.
 
     Call this before any fan-out: processes that first touch a new sqlite file together race to
     create its schema and lose runs."""
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(experiment, _artifact_location(uri, experiment))
-    except MlflowException:  # another writer created it between our two calls
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        try:
+            return client.create_experiment(
+                experiment,
+                _artifact_location(uri, experiment),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        except MlflowException:  # another writer created it between our two calls
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+    if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 # ---- provenance --------------------------------------------------------------------------------
@@ -187,6 +219,7 @@ def run_tags(result: PromptResult, tags: dict[str, str], dvc_lock: Path | None) 
         RUN_KEY_TAG: result.run_key,
         "tracer.profile": result.profile,
         "tracer.prompt_id": result.prompt_id,
+        "tracer.prompt_text": str(result.graph_header.get("input_string"))[:MAX_TAG_VAL_LENGTH],
         "tracer.version": str(result.graph_header.get("library_version")),
     }
     if dvc_lock is not None and dvc_lock.is_file():
@@ -203,32 +236,45 @@ def log_pipeline(
     tags: dict[str, str] | None = None,
     dvc_lock: str | Path | None = None,
     feature_files: dict[str, list[Path]] | None = None,
+    subgraph_files: dict[str, list[Path]] | None = None,
 ) -> dict:
     """Log every new (profile, prompt) result under `root` as a nested run of one parent run.
 
     `tags` go on the parent and every nested run; `dvc_lock` adds each profile's stage hashes;
-    `feature_files[profile]` (its set's pages summary and labels file) go with each of its runs.
-    Returns {"experiment_id", "parent_run_id" (None when nothing was new), "logged": [{"name",
-    "run_id"}], "skipped": [names already logged], "disabled_profiles": [names], "run_keys":
-    {name: run key of every result, logged now or before}}."""
+    `feature_files[profile]` (its set's pages summary and labels file) go with each of its runs;
+    `subgraph_files["profile/prompt"]` (saved subgraphs) go with that result's run, the new one or
+    the one logged before, when they changed since. Returns {"experiment_id", "parent_run_id" (None
+    when nothing was new), "logged": [{"name", "run_id"}], "skipped": [names already logged],
+    "subgraphs": [{"name", "run_id"} whose subgraph files were logged now], "disabled_profiles":
+    [names], "run_keys": {name: run key of every result, logged now or before}}."""
     uri = uri or tracking_uri("mlflow.db")
     tags = dict(tags or {})
     lock = Path(dvc_lock) if dvc_lock is not None else None
+    subgraph_files = subgraph_files or {}
     results, disabled = find_results(root)
     experiment_id = ensure_store(uri, experiment)
     client = MlflowClient(tracking_uri=uri)
-    new = [r for r in results if not _already_logged(client, experiment_id, r.run_key)]
+    earlier = {r.name: _logged_run(client, experiment_id, r.run_key) for r in results}
+    new = [r for r in results if earlier[r.name] is None]
     summary: dict = {
         "experiment_id": experiment_id,
         "parent_run_id": None,
         "logged": [],
-        "skipped": [r.name for r in results if r.run_key not in {n.run_key for n in new}],
+        "skipped": [name for name, run in earlier.items() if run is not None],
+        "subgraphs": [],
         "disabled_profiles": disabled,
         "run_keys": {r.name: r.run_key for r in results},
     }
+    for name in summary["skipped"]:
+        run = earlier[name]
+        if _log_subgraphs(client, run.info.run_id, subgraph_files.get(name, []), run.data.tags):
+            summary["subgraphs"].append({"name": name, "run_id": run.info.run_id})
     if not new:
         return summary
-    parent_tags = tags | {"tracer.version": library_version()}
+    parent_tags = tags | {
+        "tracer.version": library_version(),
+        MLFLOW_RUN_NOTE: pipeline_note(new, tags),
+    }
     with _run(client, experiment_id, "pipeline", parent_tags) as parent_id:
         summary["parent_run_id"] = parent_id
         client.log_batch(parent_id, params=[Param("root", str(Path(root).resolve()))])
@@ -240,18 +286,87 @@ def log_pipeline(
                 _log_result(client, run_id, result)
                 for path in (feature_files or {}).get(result.profile, []):
                     client.log_artifact(run_id, str(path), "features")
+                if _log_subgraphs(client, run_id, subgraph_files.get(result.name, []), {}):
+                    summary["subgraphs"].append({"name": result.name, "run_id": run_id})
             summary["logged"].append({"name": result.name, "run_id": run_id})
     return summary
 
 
-def _already_logged(client: MlflowClient, experiment_id: str, key: str) -> bool:
-    """A finished run with this key exists; a failed or interrupted one is logged again."""
+def _logged_run(client: MlflowClient, experiment_id: str, key: str) -> Run | None:
+    """The newest finished run with this key; a failed or interrupted one is logged again."""
     found = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
         max_results=1,
+        order_by=["attributes.start_time DESC"],
     )
-    return len(found) > 0
+    return found[0] if found else None
+
+
+def subgraphs_digest(files: list[Path]) -> str | None:
+    """sha256 over the sorted (file name, content sha256) of a result's subgraph files; None
+    for none."""
+    if not files:
+        return None
+    entries = sorted(
+        (Path(p).name, hashlib.sha256(Path(p).read_bytes()).hexdigest()) for p in files
+    )
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _log_subgraphs(client: MlflowClient, run_id: str, files: list[Path], run_tags: dict) -> bool:
+    """Upload the files under the run's `subgraphs/` (a finished run too) unless the run holds
+    these versions already; whether anything was uploaded."""
+    digest = subgraphs_digest(files)
+    if digest is None or run_tags.get(SUBGRAPHS_TAG) == digest:
+        return False
+    for path in files:
+        client.log_artifact(run_id, str(path), SUBGRAPHS_ARTIFACTS)
+    client.set_tag(run_id, SUBGRAPHS_TAG, digest)  # after the files: a failure uploads them again
+    return True
+
+
+def pipeline_note(results: list[PromptResult], tags: dict[str, str]) -> str:
+    """The parent run's description (markdown): commit, what was logged, thresholds, and the
+    nested runs' params per profile."""
+    commit = tags.get(MLFLOW_GIT_COMMIT)
+    if commit is None:
+        source = "not a git checkout"
+    else:
+        dirty = {"true": " (uncommitted changes)", "false": " (clean)"}
+        source = f"`{commit[:12]}`{dirty.get(tags.get(MLFLOW_GIT_DIRTY, ''), '')}"
+    profiles = sorted({r.profile for r in results})
+    prompts = sorted({r.prompt_id for r in results})
+    thresholds = sorted({(r.scores["node_threshold"], r.scores["edge_threshold"]) for r in results})
+    lines = [
+        f"tracer pipeline: {len(results)} new result(s), one nested run `profile/prompt` each.",
+        "",
+        f"- commit: {source}",
+        f"- profiles: {', '.join(profiles)}",
+        f"- prompts: {', '.join(prompts)}",
+        "- thresholds (node / edge): " + ", ".join(f"{n} / {e}" for n, e in thresholds),
+        "",
+        "| profile | model | transcoders | dtype | prompts |",
+        "|---|---|---|---|---|",
+    ]
+    for profile in profiles:
+        own = [r for r in results if r.profile == profile]
+        info = own[0].profile_info
+        model = _pinned(info.get("model"), info.get("revision"))
+        sets = _pinned(info.get("transcoders"), info.get("transcoder_revision"))
+        names = ", ".join(r.prompt_id for r in own)
+        lines.append(f"| {profile} | {model} | {sets} | {info.get('dtype')} | {names} |")
+    lines += [
+        "",
+        "Nested runs: params (model, transcoders, revisions, dtype, family, thresholds, attribution "
+        "settings), metrics (scores, sizes, timings, validation, the pruning curve as curve_*), "
+        "artifacts (graph, pruned.json, scores.json, plot, validation/, features/, subgraphs/).",
+    ]
+    return "\n".join(lines)
+
+
+def _pinned(name: object, revision: object) -> str:
+    return f"`{name}@{revision}`" if revision else f"`{name}`"
 
 
 @contextmanager
