@@ -184,6 +184,21 @@ def too_big(document: dict) -> str | None:
     )
 
 
+def drawable_threshold(curve: list[dict], max_nodes: int | None = None) -> str:
+    """A sentence naming the largest node threshold of the pruning curve (`scores.json`'s
+    `curve`) whose pruned graph has at most `max_nodes` nodes (by default what is drawn whole,
+    MAX_DRAWN_NODES); empty when none does."""
+    max_nodes = MAX_DRAWN_NODES if max_nodes is None else max_nodes
+    fitting = [p for p in curve or [] if p.get("nodes") is not None and p["nodes"] <= max_nodes]
+    if not fitting:
+        return ""
+    best = max(fitting, key=lambda p: p["node_threshold"])
+    return (
+        f" On the pruning curve, node threshold {best['node_threshold']:g} (edge threshold "
+        f"{best['edge_threshold']:g}) keeps {best['nodes']:,} nodes."
+    )
+
+
 def short_label(text: str, room: float) -> str:
     """`text` cut to about `room` units of x space (an ellipsis marks the cut)."""
     limit = max(MIN_LABEL, int(room * CHARS_PER_UNIT))

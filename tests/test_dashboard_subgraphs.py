@@ -141,8 +141,15 @@ def test_feature_labels_are_drawn_where_there_is_room(root: Path):
 
 
 def test_a_graph_too_big_to_draw_gets_a_message(monkeypatch, outputs: Path):
+    """Nothing drawn, and a threshold of the pruning curve that keeps a drawable graph named."""
+    scores = catalog.read_scores(outputs, PROFILE, PROMPT)
+    fits = sorted((p["nodes"], p["node_threshold"]) for p in scores["curve"])
+    limit = fits[0][0]  # only the smallest pruning of the sweep fits
     monkeypatch.setattr(layout, "MAX_DRAWABLE_NODES", 5)
+    monkeypatch.setattr(layout, "MAX_DRAWN_NODES", limit)
     app = open_app(monkeypatch, outputs)
-    warnings = [w.value for w in app.warning]
-    assert any("too many to draw" in w and "lower the node threshold" in w for w in warnings)
+    (warning,) = [w.value for w in app.warning if "too many to draw" in w.value]
+    assert "lower the node threshold" in warning
+    named = max(p["node_threshold"] for p in scores["curve"] if p["nodes"] <= limit)
+    assert f"node threshold {named:g}" in warning and f"keeps {limit:,} nodes" in warning
     assert not app.exception

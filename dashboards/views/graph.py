@@ -15,7 +15,7 @@ from dashboards.catalog import (
 from dashboards.charts import NODE_SELECTION, curve_chart, graph_chart
 from dashboards.documents import node_table, prompt_tokens, strongest_links
 from dashboards.features import feature_key
-from dashboards.layout import drawable, too_big
+from dashboards.layout import drawable, drawable_threshold, too_big
 
 NODE_KEY, CHART_KEY, LAST_CLICK_KEY = "graph_node", "graph_chart", "graph_last_click"
 LINK_COLUMNS = ["node_id", "description", "label", "weight"]
@@ -121,12 +121,13 @@ if st.session_state.get(NODE_KEY) not in ids:
 selected = st.session_state[NODE_KEY]
 
 cannot_draw = too_big(document)
+suggestion = drawable_threshold(scores.get("curve") or [])
 if cannot_draw:
-    st.warning(cannot_draw, icon=":material/warning:")
+    st.warning(cannot_draw + suggestion, icon=":material/warning:")
 else:
     too_many = drawable(document)[1]
     if too_many:
-        st.warning(too_many, icon=":material/warning:")
+        st.warning(too_many + suggestion, icon=":material/warning:")
     st.altair_chart(
         graph_chart(
             document, selected=selected, pinned=pins.groups(pins.current(profile_name, prompt))
