@@ -732,8 +732,8 @@ def test_pinning_and_ablating_on_the_pipelines_outputs(
     clone = built.clone
     prompt = read_params(clone)["prompts"][0]["id"]
     monkeypatch.setenv("TRACER_OUTPUTS", str(clone / "outputs"))
-    app = AppTest.from_file(str(REPO / "dashboards" / "app.py"), default_timeout=300).run()
-    app.query_params.update(profile=PROFILE, prompt=prompt)
+    app = AppTest.from_file(str(REPO / "dashboards" / "app.py"), default_timeout=300)
+    app.query_params.update(profile=PROFILE, prompt=prompt)  # a link to that graph
     app.run()
     assert not app.exception, [e.value for e in app.exception]
     assert app.title[0].value == f"{PROFILE} / {prompt}"
