@@ -208,7 +208,7 @@ def short_label(text: str, room: float) -> str:
 def drawn_labels(document: dict, positions: list[dict]) -> list[dict]:
     """Feature labels to write beside their nodes where there is room: the strongest feature of
     each (row, position) cell, its label cut to the room its column leaves (a cell's only node
-    gets the column's width, a crowded cell's first node a share of it), the most influential
+    gets the column's width, a shared cell's strongest node half of it), the most influential
     MAX_DRAWN_LABELS of them. Rows: node_id, x, y, text (the cut label), label (in full)."""
     widths = [width for _, width in columns(document)]
     cells: dict[tuple[int, int], list[dict]] = defaultdict(list)
@@ -219,10 +219,9 @@ def drawn_labels(document: dict, positions: list[dict]) -> list[dict]:
     labelled = []
     for (row, pos), nodes in cells.items():
         strongest = max(nodes, key=lambda p: p["size"])
-        count = crowd[(row, pos)]
-        room = widths[pos] if count == 1 else widths[pos] / min(count, PER_LINE)
-        if count > 1 and room * CHARS_PER_UNIT < MIN_LABEL:
-            continue  # no room beside a crowded cell's nodes
+        # a cell's only node has its column's width; in a shared cell the strongest node (first
+        # on the top line) gets half of it, centred on it, so the text stays within the column
+        room = widths[pos] if crowd[(row, pos)] == 1 else widths[pos] / 2
         labelled.append(
             {
                 "node_id": strongest["node_id"],
