@@ -22,6 +22,16 @@ from tracer.testing import build_model, build_transcoders
 N_LOGITS = 10
 
 
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 def main(kind: str, n_pos: str, features: str, nodes: str, batch: str, phase: str, path: str):
     torch.set_num_threads(1)
     return_freed_memory()
@@ -67,6 +77,9 @@ def main(kind: str, n_pos: str, features: str, nodes: str, batch: str, phase: st
         out["nonzero"] = graph.n_edges()
     else:
         del rm, model, ts
+        # what the forward above freed goes back to the OS first: pruning reusing those heap
+        # pages would grow the RSS less, by however much happened to be left free
+        trim_heap()
 
         def run() -> None:
             graph = Graph.load(path)

@@ -136,9 +136,10 @@ def estimate(
     nonzero = _nonzero(per_cell, selected / max(1, n_active), n_logits)
     sparse = int(nonzero * stored + nodes * nodes * BITMAP_SHARE)
     file_bytes = min(adjacency, sparse) + n_active * (3 * 8 + FLOAT) + 4096
-    # the loaded adjacency, the values read from a sparse file, the edge mask, row blocks
+    # the loaded adjacency, the values read from a sparse file, the edge mask, row blocks, and
+    # the file's active features and their values (every active one: large under a node budget)
     pruning = adjacency + (nonzero * stored if sparse < adjacency else 0)
-    pruning += nodes * nodes + PRUNE_BLOCK
+    pruning += nodes * nodes + PRUNE_BLOCK + n_active * (3 * 8 + FLOAT)
 
     available = psutil.virtual_memory().available if available is None else available
     weights = shapes.model_bytes + shapes.transcoder_bytes
