@@ -40,24 +40,27 @@ class MissingOutputs(Exception):
     """A file or folder the pipeline writes is absent; the message says which command writes it."""
 
 
-def _script_arguments(argv: Sequence[str]) -> argparse.Namespace:
-    """The app's own arguments (what follows `--` in `streamlit run app.py -- ...`); others are
+def app_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """The app's own arguments (what follows `--` in `streamlit run app.py -- ...`): `--outputs`,
+    `--edit-labels`, `--mlflow` (the store) and `--mlflow-ui` (its UI's address); others are
     ignored."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--outputs", default=None)
     parser.add_argument("--edit-labels", action="store_true")
+    parser.add_argument("--mlflow", default=None)
+    parser.add_argument("--mlflow-ui", default=None)
     return parser.parse_known_args(list(argv))[0]
 
 
 def resolve_outputs(argv: Sequence[str], environ: Mapping[str, str]) -> Path:
     """The outputs folder: `--outputs PATH` in argv, else $TRACER_OUTPUTS, else `outputs`."""
-    return Path(_script_arguments(argv).outputs or environ.get(ENV_OUTPUTS) or DEFAULT_OUTPUTS)
+    return Path(app_arguments(argv).outputs or environ.get(ENV_OUTPUTS) or DEFAULT_OUTPUTS)
 
 
 def label_editing(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
     """Whether feature labels may be edited: `--edit-labels` in argv, else $TRACER_EDIT_LABELS
     (1/true/yes/on or 0/false/no/off/empty, any case); read-only by default."""
-    if _script_arguments(argv).edit_labels:
+    if app_arguments(argv).edit_labels:
         return True
     value = environ.get(ENV_EDIT_LABELS, "").strip().lower()
     if value in _TRUE or value in _FALSE:

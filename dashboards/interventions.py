@@ -312,11 +312,8 @@ def run_intervention(
                 "predicted_total": None if total is None else float(total[i]),
             }
         )
-    texts = [
-        generate(model, ids, row or None, max_new_tokens=max_new_tokens, mode=mode).texts
-        for row in batch
-    ]
-    before, after = (t[0] if t else "" for t in texts)
+    texts = generate(model, ids, batch, max_new_tokens=max_new_tokens, mode=mode).texts
+    before, after = texts if texts is not None else ("", "")
     return InterventionOutcome(
         changes=tuple(changes),
         mode=mode,

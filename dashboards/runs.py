@@ -15,7 +15,6 @@ raises `MissingOutputs` with a message saying what to do. No Streamlit here.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dashboards import catalog
 from dashboards.catalog import MissingOutputs
 from tracer.atomic import write_folder, write_json
 from tracer.experiments import outputs as paths
@@ -74,24 +74,15 @@ HOW_TO_LOG = (
 
 
 # ---- where things are ---------------------------------------------------------------------------
-def _script_arguments(argv: Sequence[str]) -> argparse.Namespace:
-    """The Runs page's own arguments (after `--` in `streamlit run app.py -- ...`); others are
-    ignored."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--mlflow", default=None)
-    parser.add_argument("--mlflow-ui", default=None)
-    return parser.parse_known_args(list(argv))[0]
-
-
 def store_uri(argv: Sequence[str], environ: Mapping[str, str], project: Path) -> str:
     """`--mlflow URI`, else $MLFLOW_TRACKING_URI, else `sqlite:///PROJECT/mlflow.db`."""
-    chosen = _script_arguments(argv).mlflow or environ.get("MLFLOW_TRACKING_URI")
+    chosen = catalog.app_arguments(argv).mlflow or environ.get("MLFLOW_TRACKING_URI")
     return chosen or f"sqlite:///{(Path(project) / STORE_FILE).resolve()}"
 
 
 def ui_url(argv: Sequence[str], environ: Mapping[str, str]) -> str:
     """The MLflow UI's base URL: `--mlflow-ui URL`, else $TRACER_MLFLOW_UI, else the default."""
-    return (_script_arguments(argv).mlflow_ui or environ.get(ENV_UI) or DEFAULT_UI).rstrip("/")
+    return (catalog.app_arguments(argv).mlflow_ui or environ.get(ENV_UI) or DEFAULT_UI).rstrip("/")
 
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:

@@ -418,6 +418,18 @@ def test_batched_generation_rows_equal_single_runs(do_sample):
         assert together[b].tolist() == generate(rm, PROMPT, changes, **kwargs).tokens[0].tolist()
 
 
+def test_an_empty_change_set_generates_the_unchanged_prompt_beside_the_others():
+    rm = replacement("llama", "plt-relu")
+    changes = [FeatureChange(0, None, 3, value=0.0)]
+    together = generate(rm, PROMPT, [[], changes], max_new_tokens=6, on_new_tokens=True).tokens
+    alone = generate(rm, PROMPT, max_new_tokens=6).tokens[0]
+    assert together[0].tolist() == alone.tolist()
+    changed = generate(rm, PROMPT, changes, max_new_tokens=6, on_new_tokens=True).tokens[0]
+    assert together[1].tolist() == changed.tolist()
+    with pytest.raises(ValueError, match="intervention set is empty"):
+        intervene(rm, PROMPT, [[], changes])  # a measurement needs something to change
+
+
 def test_seeded_sampling_is_reproducible():
     rm = replacement("llama", "plt-relu")
     changes = [FeatureChange(0, None, 3, value=0.0)]

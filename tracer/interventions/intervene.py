@@ -333,13 +333,15 @@ def intervene(
     return run_with_changes(model, state, ids[None].expand(len(batch), -1), batch, mode)
 
 
-def _as_batch(changes) -> list[list[Change]]:
+def _as_batch(changes, unchanged_rows: bool = False) -> list[list[Change]]:
+    """One change set, or a batch of them, as a list of rows; an empty row is an error unless
+    `unchanged_rows` (then it runs the prompt as it is: a baseline beside the others)."""
     if not changes:
         raise ValueError("no interventions given; pass FeatureChange/ErrorChange/TokenChange items")
     if isinstance(changes[0], FeatureChange | ErrorChange | TokenChange):
         return [list(changes)]
     batch = [list(c) for c in changes]
-    if not all(batch):
+    if not unchanged_rows and not all(batch):
         raise ValueError("an intervention set is empty; give at least one change per set")
     return batch
 
@@ -397,6 +399,7 @@ def generate(
 
     Interventions hold on the prompt positions, and with `on_new_tokens` also on every generated
     position (changes with `pos=None`). Frozen parts of a mode apply to the prompt positions only.
+    An empty change set in a batch is a row generated without interventions (a baseline).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -404,7 +407,7 @@ def generate(
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    batch = [[]] if not changes else _as_batch(changes)
+    batch = [[]] if not changes else _as_batch(changes, unchanged_rows=True)
     ids = model.tokenize(prompt)
     for row in batch:
         check_changes(model, ids.shape[0], row)
