@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# On a fresh clone the results are already in dvc.lock, so `track` has nothing new to log: it is
+# forced once when the default store (mlflow.db) does not exist yet.
 run: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	test -n "$$MLFLOW_TRACKING_URI" || test -f mlflow.db || \
+		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --force --single-item track
 	$(VENV)/bin/tracer attribute --model zoo/models/gpt2 --transcoders zoo/transcoders/gpt2/clt \
 		--prompt "the capital of the state containing tampa is" --out outputs/demo.safetensors --quiet
 	$(VENV)/bin/tracer prune outputs/demo.safetensors --json outputs/demo.json

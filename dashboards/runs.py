@@ -68,8 +68,9 @@ COLUMNS = (
     "git_commit",
 )
 HOW_TO_LOG = (
-    "`dvc repro` runs the `track` stage, which logs every result there; or point the app at "
-    "another store with `-- --mlflow URI` or $MLFLOW_TRACKING_URI."
+    "`dvc repro` runs the `track` stage, which logs every new result there (on a fresh clone, "
+    "whose results dvc.lock already records, `make run` or `dvc repro -f -s track` logs them); "
+    "or point the app at another store with `-- --mlflow URI` or $MLFLOW_TRACKING_URI."
 )
 
 

@@ -205,16 +205,24 @@ def pick_graph(
     return name, prompt
 
 
+PAGE_GRAPH_KEY = (
+    "page_graph"  # the (profile, prompt) last picked on the Graph or Interventions page
+)
+
+
 def pick_page_graph(outputs: Outputs) -> tuple[str, str]:
-    """The sidebar's profile and prompt of the Graph and Interventions pages (one pick for both,
-    kept in the page's URL); returns (profile, prompt)."""
+    """The sidebar's profile and prompt of the Graph and Interventions pages: one pick for both
+    (a widget's state does not outlive its page, so the pick is also kept apart in the session),
+    the page's URL winning when it names one; returns (profile, prompt)."""
+    last_profile, last_prompt = st.session_state.get(PAGE_GRAPH_KEY, (None, None))
     with st.sidebar:
         profile, prompt = pick_graph(
             outputs,
             "graph",
-            default_profile=st.query_params.get("profile"),
-            default_prompt=st.query_params.get("prompt"),
+            default_profile=st.query_params.get("profile", last_profile),
+            default_prompt=st.query_params.get("prompt", last_prompt),
         )
+    st.session_state[PAGE_GRAPH_KEY] = (profile, prompt)
     st.query_params.update(profile=profile, prompt=prompt)
     return profile, prompt
 

@@ -22,7 +22,7 @@ from tracer.experiments.tracking import log_pipeline
 from mlflow import MlflowClient  # isort: skip  (after tracking, which turns telemetry off)
 
 REPO = Path(__file__).resolve().parents[1]
-PROFILE, PROMPT = "tiny-clt", "dallas"
+PROFILE, PROMPT = "tiny-plt", "mary"  # not the first pick: the pages must pass it on
 
 pytestmark = pytest.mark.slow
 

@@ -87,7 +87,11 @@ def show_outcome(outcome: InterventionOutcome, description: str, predicted_note:
     top, new_top = outcome.top_before[0], outcome.top_after[0]
     headline = st.columns(3)
     headline[0].metric(
-        "top token before", repr(top["token"]), f"p = {top['probability']:.4f}", delta_color="off"
+        "top token before",
+        repr(top["token"]),
+        f"p = {top['probability']:.4f}",
+        delta_color="off",
+        delta_arrow="off",
     )
     headline[1].metric(
         "its probability after",
@@ -99,6 +103,7 @@ def show_outcome(outcome: InterventionOutcome, description: str, predicted_note:
         repr(new_top["token"]),
         f"p = {new_top['probability']:.4f}",
         delta_color="off",
+        delta_arrow="off",
     )
     before, after = st.columns(2)
     with before:
